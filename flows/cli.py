@@ -1,0 +1,130 @@
+"""`tracetriage`: run the triage flow, or write sample traces.
+
+    tracetriage run                                  # sample traces, every window, summary on stdout
+    tracetriage run --source runs.jsonl --json       # your exported runs, one JSON document on stdout
+    tracetriage sample --traces 5000 --out runs.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+from tasks.config import ConfigError, FileSource, load_config
+
+
+def _moment(text: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO date or time, e.g. 2026-11-02T09:00Z") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tracetriage", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="triage windows of traces (the sample traces by default)")
+    run.add_argument("--config", type=Path, help="loop config YAML (see README)")
+    run.add_argument("--source", help="JSONL or Parquet file of LangSmith run records (overrides the config)")
+    run.add_argument("--start", type=_moment, help="first window to triage (ISO time, UTC if no zone)")
+    run.add_argument("--end", type=_moment, help="triage windows starting before this time")
+    run.add_argument("--out", default=".tracetriage", help="output directory (default: ./.tracetriage)")
+    run.add_argument("--json", action="store_true", help="print one JSON document instead of the summary")
+
+    sample = commands.add_parser("sample", help="write sample traces of a RAG/agent app with planted failures")
+    sample.add_argument("--traces", type=int, default=2000)
+    sample.add_argument("--seed", type=int, default=7)
+    sample.add_argument("--hours", type=float, default=3, help="spread root start times over this many hours")
+    sample.add_argument("--out", type=Path, required=True, help="output .jsonl or .parquet file")
+    return parser
+
+
+def _progress_bar():
+    """A rich progress bar on stderr, fed by the stages' progress reports."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from tasks import progress as stage_progress
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=Console(stderr=True), transient=True)
+    ids: dict[str, int] = {}
+
+    def listener(stage: str, done: int, total: int) -> None:
+        if stage not in ids:
+            ids[stage] = bar.add_task(stage, total=total)
+        bar.update(ids[stage], completed=done, total=total)
+
+    @contextlib.contextmanager
+    def running():
+        stage_progress.add_listener(listener)
+        try:
+            with bar:
+                yield
+        finally:
+            stage_progress.remove_listener(listener)
+
+    return running()
+
+
+def run_command(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config) if args.config else load_config(data={})
+        if args.source:
+            config = config.model_copy(update={"source": FileSource(path=args.source)})
+        from flows.triage import triage, validate
+
+        validate(config)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        print(f"tracetriage: {exc}", file=sys.stderr)
+        return 2
+    if args.start and args.end and args.start >= args.end:
+        print("tracetriage: --start must be before --end", file=sys.stderr)
+        return 2
+    stdout = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext(), _progress_bar():
+        try:
+            result = triage(config=config, start=args.start, end=args.end, out=args.out)
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"tracetriage: {exc}", file=sys.stderr)
+            return 1
+    if args.json:
+        stdout.write(json.dumps({"windows": result["windows"], "skipped": result["skipped"]}, indent=2) + "\n")
+    else:
+        from tasks.summary import summary_text
+
+        print(f"\ntriaged {len(result['windows'])} windows of {result['source']}\n")
+        for window in result["windows"]:
+            print(summary_text(window) + "\n")
+        print(f"snapshots, action log and ledger are in {args.out}/")
+    return 0
+
+
+def sample_command(args: argparse.Namespace) -> int:
+    from tasks.sample import generate_traces, write_sample
+
+    if args.out.suffix not in (".jsonl", ".parquet"):
+        print("tracetriage: --out must end in .jsonl or .parquet", file=sys.stderr)
+        return 2
+    sample = generate_traces(args.traces, seed=args.seed, hours=args.hours)
+    truth = write_sample(args.out, sample)
+    print(f"wrote {len(sample.records)} runs of {args.traces} traces to {args.out} (ground truth: {truth})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Offline by default: no telemetry from the temporary Prefect server.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    args = _parser().parse_args(argv)
+    return run_command(args) if args.command == "run" else sample_command(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

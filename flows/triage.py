@@ -1,0 +1,132 @@
+"""The triage flows: wiring only. Each stage's logic lives in `tasks/`."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import flow, get_run_logger, unmapped
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from tasks.aggregate import aggregate_task, patterns_table, root_causes_table
+from tasks.attribute import SPAN_COLUMNS, attribute_task, attribution_table
+from tasks.cache import stable_hash, work_epoch
+from tasks.config import LoopConfig
+from tasks.dispatch import dispatch_task, planned_actions
+from tasks.evaluate import bind_all, evaluate_task
+from tasks.evaluators import import_ref
+from tasks.fetch import SourceSpans, fetch_window_task, load_source_task, source_fingerprint, source_path
+from tasks.partition import partition_task
+from tasks.progress import track_batches
+from tasks.schemas import SCHEMA_VERSION, WINDOWS
+from tasks.snapshot import snapshot_task
+from tasks.summary import publish_artifacts, summary_text, window_summary
+
+DEFAULT_OUT = ".tracetriage"
+WORKERS = int(os.environ.get("TRACETRIAGE_WORKERS", "4"))
+
+
+def validate(config: LoopConfig) -> LoopConfig:
+    """Everything that can be checked before a side effect: evaluators, action functions."""
+    bind_all(config.evaluators)
+    for action in config.actions:
+        if action.ref:
+            import_ref(action.ref, what="action function")
+    return config
+
+
+@flow(name="triage-window", task_runner=ThreadPoolTaskRunner(max_workers=WORKERS), log_prints=True)
+def triage_window(
+    config: LoopConfig, source_spans: str, source_token: str, window_start: datetime, out: str,
+    orphans: int = 0,
+) -> dict[str, Any]:
+    """Triage one window: fetch, evaluate in batches, partition, attribute, aggregate, snapshot, dispatch."""
+    out_dir = Path(out)
+    window_end = window_start + config.window.size_delta
+    is_final = datetime.now(UTC) >= window_end + config.window.lag_delta
+    fetch_token = stable_hash(source_token, window_start, config.batch_size) if is_final else None
+    eval_token = stable_hash(fetch_token, [e.model_dump() for e in config.evaluators],
+                             [e.source_hash for e in bind_all(config.evaluators)]) if is_final else None
+    window_dir = out_dir / "work" / "windows" / (fetch_token or f"open-{stable_hash(source_token, window_start)}")
+
+    window = fetch_window_task(source_spans, window_start, config.batch_size, str(window_dir / "spans.parquet"),
+                               fetch_token)
+    batches = list(range(window.batches))
+    futures = evaluate_task.map(
+        unmapped(window.path), batches, unmapped(config.evaluators), unmapped(window_start),
+        [str(window_dir / f"scores-{eval_token or 'open'}-{b}.parquet") for b in batches], unmapped(eval_token),
+    )
+    score_files = [f.result() for f in track_batches(futures, window_start)]
+    raw_scores = pa.concat_tables([pq.read_table(path) for path in score_files]) if score_files else None
+    spans = pq.read_table(window.path, columns=SPAN_COLUMNS + ["latency_s", "metadata"]).to_pandas()
+    judged, verdicts = partition_task(raw_scores, pa.array(spans.loc[spans["is_root"], "trace_id"]), config.evaluators)
+    scores = judged.to_pandas()
+    attribution = attribute_task(spans, scores, verdicts, window_start)
+    patterns, root_causes = aggregate_task(spans, scores, verdicts, attribution, config.evaluators, window_start)
+
+    planned = planned_actions(config, window_start, scores, verdicts, attribution)
+    counts = dispatch_task(config, planned, str(out_dir / "ledger.jsonl"), str(out_dir / "actions.jsonl"),
+                           window.path).as_dict()
+    summary = window_summary(window_start, window_end, window.traces, window.spans, orphans, scores, verdicts,
+                             config.evaluators, root_causes, patterns, counts, "")
+    snapshot_root = config.snapshots.url or str(out_dir / "snapshots")
+    summary["snapshot_uri"] = snapshot_task(snapshot_root, window_start, {
+        "scores": judged,
+        "attribution": attribution_table(attribution),
+        "patterns": patterns_table(patterns),
+        "root_causes": root_causes_table(root_causes),
+        "windows": windows_row(summary, verdicts, window_start, window_end),
+    })
+    publish_artifacts(summary)
+    print(summary_text(summary))
+    return summary
+
+
+def windows_row(summary: dict[str, Any], verdicts: pd.DataFrame, start: datetime, end: datetime) -> pa.Table:
+    import orjson
+
+    counts = verdicts["verdict"].value_counts()
+    return pa.Table.from_pylist([{
+        "window_start": start, "window_end": end, "traces": summary["traces"], "spans": summary["spans"],
+        "skipped_records": summary["skipped_records"], "failing_traces": int(counts.get("fail", 0)),
+        "passing_traces": int(counts.get("pass", 0)), "error_traces": int(counts.get("error", 0)),
+        "summary_json": orjson.dumps({k: v for k, v in summary.items() if k != "snapshot_uri"}).decode(),
+        "schema_version": SCHEMA_VERSION,
+    }], schema=WINDOWS)
+
+
+def select_windows(windows: list[datetime], start: datetime | None, end: datetime | None) -> list[datetime]:
+    return [w for w in windows if (start is None or w >= start) and (end is None or w < end)]
+
+
+@flow(name="triage", log_prints=True)
+def triage(
+    config: LoopConfig | None = None,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    out: str = DEFAULT_OUT,
+) -> dict[str, Any]:
+    """Triage every window of the source between `start` and `end` (all windows when omitted)."""
+    config = validate(config or LoopConfig())
+    logger = get_run_logger()
+    out_dir = Path(out)
+    source_file = source_path(config.source, out_dir)
+    epoch = work_epoch(out_dir / "work")
+    source_token = stable_hash(source_fingerprint(source_file), config.window.size, epoch)
+    loaded: SourceSpans = load_source_task(
+        str(source_file), config.window.size_delta,
+        str(out_dir / "work" / "sources" / f"{source_token}.parquet"), source_token,
+    )
+    windows = select_windows(loaded.windows, start, end)
+    logger.info("%d windows of %s to triage (%d records skipped while loading)",
+                len(windows), source_file, sum(v["count"] for v in loaded.skipped.values()))
+    results = []
+    for window_start in windows:
+        orphans = loaded.orphans_by_window.get(window_start.isoformat(), 0)
+        results.append(triage_window(config, loaded.path, source_token, window_start, out, orphans))
+    return {"source": str(source_file), "skipped": loaded.skipped, "windows": results}

@@ -1,0 +1,176 @@
+"""Stage 5, aggregate: which failure modes dominate a window.
+
+For each span condition (span × evaluator below threshold, span × error, span
+latency outlier, root metadata value) it counts the failing and passing traces
+that show it: `fail_share` (among failing traces), `pass_share` (among passing
+traces) and `lift = fail_share / pass_share` (null when no passing trace shows
+it). Traces whose verdict is `error` (an evaluator could not judge them) are in
+neither group. Root causes are the exclusive culprits from attribution.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import numpy as np
+import orjson
+import pandas as pd
+import pyarrow as pa
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.config import EvaluatorConfig
+from tasks.schemas import PATTERNS, ROOT_CAUSES, SCHEMA_VERSION
+
+EXAMPLES = 5
+MIN_SPANS_FOR_OUTLIERS = 20
+OUTLIER_IQR = 3.0
+MAX_METADATA_VALUES = 50
+
+
+def _below_conditions(scores: pd.DataFrame, configs: list[EvaluatorConfig]) -> pd.DataFrame:
+    failed = scores[(scores["status"] == "fail") & ~scores["is_root"]]
+    sign = {c.key: ("<" if c.higher_is_better else ">") for c in configs}
+    threshold = {c.key: c.threshold for c in configs}
+    label = failed["evaluator"].map(lambda k: f"{k} {sign[k]} {threshold[k]:g}")
+    return pd.DataFrame({
+        "trace_id": failed["trace_id"],
+        "condition": failed["span_name"] + ": " + label,
+        "kind": "span_below_threshold",
+        "span_name": failed["span_name"],
+    })
+
+
+def _error_conditions(spans: pd.DataFrame) -> pd.DataFrame:
+    errored = spans[(spans["status"] == "error") & ~spans["is_root"]]
+    return pd.DataFrame({
+        "trace_id": errored["trace_id"],
+        "condition": errored["name"] + ": error",
+        "kind": "span_error",
+        "span_name": errored["name"],
+    })
+
+
+def latency_cutoffs(spans: pd.DataFrame) -> pd.Series:
+    """Per span name, the latency above which a span is an outlier: Q3 + 3 IQR of the window."""
+    timed = spans[~spans["is_root"] & spans["latency_s"].notna()]
+    grouped = timed.groupby("name")["latency_s"]
+    q1, q3, size = grouped.quantile(0.25), grouped.quantile(0.75), grouped.size()
+    cutoff = q3 + OUTLIER_IQR * (q3 - q1)
+    return cutoff[size >= MIN_SPANS_FOR_OUTLIERS]
+
+
+def _latency_conditions(spans: pd.DataFrame) -> pd.DataFrame:
+    cutoffs = latency_cutoffs(spans)
+    timed = spans[~spans["is_root"] & spans["name"].isin(cutoffs.index)]
+    slow = timed[timed["latency_s"] > timed["name"].map(cutoffs)]
+    return pd.DataFrame({
+        "trace_id": slow["trace_id"],
+        "condition": slow["name"] + ": latency > " + slow["name"].map(cutoffs).map("{:.2f}s".format),
+        "kind": "span_latency_outlier",
+        "span_name": slow["name"],
+    })
+
+
+def _metadata_conditions(spans: pd.DataFrame) -> pd.DataFrame:
+    roots = spans[spans["is_root"] & spans["metadata"].notna()]
+    pairs = [
+        (trace, key, value)
+        for trace, text in zip(roots["trace_id"], roots["metadata"], strict=True)
+        for key, value in orjson.loads(text).items()
+        if isinstance(value, str | int | float | bool)
+    ]
+    frame = pd.DataFrame(pairs, columns=["trace_id", "key", "value"])
+    if frame.empty:
+        return pd.DataFrame(columns=["trace_id", "condition", "kind", "span_name"])
+    distinct = frame.groupby("key")["value"].nunique()
+    frame = frame[frame["key"].map(distinct) <= MAX_METADATA_VALUES]
+    return pd.DataFrame({
+        "trace_id": frame["trace_id"],
+        "condition": "metadata." + frame["key"] + " = " + frame["value"].astype(str),
+        "kind": "metadata",
+        "span_name": None,
+    })
+
+
+def _examples(frame: pd.DataFrame, by: list[str]) -> pd.Series:
+    return frame.sort_values("trace_id").groupby(by, sort=False)["trace_id"].agg(lambda s: list(s[:EXAMPLES]))
+
+
+def failure_patterns(
+    spans: pd.DataFrame, scores: pd.DataFrame, verdicts: pd.DataFrame,
+    configs: list[EvaluatorConfig], window_start: datetime,
+) -> pd.DataFrame:
+    """PATTERNS rows, largest fail_share first."""
+    conditions = pd.concat(
+        [_below_conditions(scores, configs), _error_conditions(spans), _latency_conditions(spans),
+         _metadata_conditions(spans)],
+        ignore_index=True,
+    ).drop_duplicates(["trace_id", "condition"])
+    verdict = verdicts.set_index("trace_id")["verdict"]
+    conditions["verdict"] = conditions["trace_id"].map(verdict)
+    n_fail = int((verdicts["verdict"] == "fail").sum())
+    n_pass = int((verdicts["verdict"] == "pass").sum())
+    keys = ["condition", "kind", "span_name"]
+    conditions["span_name"] = conditions["span_name"].fillna("")
+    counts = pd.crosstab([conditions[k] for k in keys], conditions["verdict"])
+    for column in ("fail", "pass"):
+        if column not in counts:
+            counts[column] = 0
+    patterns = counts[["fail", "pass"]].reset_index()
+    patterns = patterns[patterns["fail"] > 0]
+    failing = conditions[conditions["verdict"] == "fail"]
+    examples = _examples(failing, ["condition"])
+    fail_share = patterns["fail"] / n_fail if n_fail else 0.0
+    pass_share = patterns["pass"] / n_pass if n_pass else np.nan
+    out = pd.DataFrame({
+        "window_start": pd.Timestamp(window_start),
+        "condition": patterns["condition"],
+        "kind": patterns["kind"],
+        "span_name": patterns["span_name"].replace("", None),
+        "failing_traces": patterns["fail"].astype("int64"),
+        "passing_traces": patterns["pass"].astype("int64"),
+        "fail_share": fail_share,
+        "pass_share": pass_share,
+    })
+    out["lift"] = (out["fail_share"] / out["pass_share"]).where(out["pass_share"] > 0)
+    out["example_trace_ids"] = out["condition"].map(examples)
+    out["schema_version"] = SCHEMA_VERSION
+    return out.sort_values(["fail_share", "condition"], ascending=[False, True], ignore_index=True)
+
+
+def root_cause_shares(attribution: pd.DataFrame, verdicts: pd.DataFrame, window_start: datetime) -> pd.DataFrame:
+    """ROOT_CAUSES rows: each (culprit span, reason) and its share of the failing traces."""
+    culprits = attribution[attribution["is_culprit"]]
+    n_fail = int((verdicts["verdict"] == "fail").sum())
+    grouped = culprits.groupby(["span_name", "reason"]).size().rename("traces").reset_index()
+    examples = _examples(culprits, ["span_name", "reason"])
+    out = pd.DataFrame({
+        "window_start": pd.Timestamp(window_start),
+        "span_name": grouped["span_name"],
+        "reason": grouped["reason"],
+        "traces": grouped["traces"].astype("int64"),
+        "share": grouped["traces"] / n_fail if n_fail else 0.0,
+        "example_trace_ids": [examples[(s, r)] for s, r in zip(grouped["span_name"], grouped["reason"], strict=False)],
+        "schema_version": SCHEMA_VERSION,
+    })
+    return out.sort_values(["share", "span_name"], ascending=[False, True], ignore_index=True)
+
+
+def patterns_table(frame: pd.DataFrame) -> pa.Table:
+    return pa.Table.from_pandas(frame[[f.name for f in PATTERNS]], schema=PATTERNS, preserve_index=False)
+
+
+def root_causes_table(frame: pd.DataFrame) -> pa.Table:
+    return pa.Table.from_pandas(frame[[f.name for f in ROOT_CAUSES]], schema=ROOT_CAUSES, preserve_index=False)
+
+
+@task(name="aggregate", cache_policy=NO_CACHE)
+def aggregate_task(
+    spans: pd.DataFrame, scores: pd.DataFrame, verdicts: pd.DataFrame, attribution: pd.DataFrame,
+    configs: list[EvaluatorConfig], window_start: datetime,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    return (
+        failure_patterns(spans, scores, verdicts, configs, window_start),
+        root_cause_shares(attribution, verdicts, window_start),
+    )

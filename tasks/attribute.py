@@ -1,0 +1,99 @@
+"""Stage 4, attribute: name the span inside each failing trace that caused the failure.
+
+Candidates are the non-root spans of a failing trace that errored or that a span
+evaluator failed. A candidate whose own descendant is also a candidate is not
+chosen (an error propagating up, or a chain scored badly because a step inside
+it was bad). Among the rest the most upstream one, first by `dotted_order`, is
+the culprit. A failing trace with no candidate is pinned on its final LLM span
+(else its root) with reason `no_upstream_cause`. Every candidate is kept, so the
+choice hides nothing.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.schemas import ATTRIBUTION, SCHEMA_VERSION
+
+ERROR = "error"
+BELOW_THRESHOLD = "below_threshold"
+NO_UPSTREAM_CAUSE = "no_upstream_cause"
+
+SPAN_COLUMNS = ["id", "trace_id", "name", "run_type", "status", "dotted_order", "is_root", "start_time"]
+
+
+def _candidates(spans: pd.DataFrame, scores: pd.DataFrame, failing: pd.Index) -> pd.DataFrame:
+    in_failing = spans["trace_id"].isin(failing) & ~spans["is_root"]
+    errored = spans[in_failing & (spans["status"] == "error")]
+    errors = pd.DataFrame({
+        "trace_id": errored["trace_id"], "run_id": errored["id"], "span_name": errored["name"],
+        "run_type": errored["run_type"], "dotted_order": errored["dotted_order"], "reason": ERROR,
+        "evaluator": None, "score": np.nan,
+    })
+    low = scores[(scores["status"] == "fail") & ~scores["is_root"] & scores["trace_id"].isin(failing)]
+    below = pd.DataFrame({
+        "trace_id": low["trace_id"], "run_id": low["run_id"], "span_name": low["span_name"],
+        "run_type": low["run_type"], "dotted_order": low["dotted_order"], "reason": BELOW_THRESHOLD,
+        "evaluator": low["evaluator"], "score": low["score"],
+    })
+    frames = [f for f in (errors, below) if len(f)]
+    if not frames:
+        return errors.iloc[0:0]
+    return pd.concat(frames, ignore_index=True).sort_values(["trace_id", "dotted_order", "reason"],
+                                                            ignore_index=True)
+
+
+def _has_candidate_descendant(candidates: pd.DataFrame) -> np.ndarray:
+    """True where the next candidate of the same trace lies inside this one (sorted by dotted_order)."""
+    orders = candidates["dotted_order"].to_numpy(dtype=object)
+    traces = candidates["trace_id"].to_numpy(dtype=object)
+    inside = np.zeros(len(candidates), dtype=bool)
+    if len(candidates) > 1:
+        nxt = orders[1:]
+        prefix = np.char.add(orders[:-1].astype(str), ".")
+        inside[:-1] = (traces[1:] == traces[:-1]) & np.char.startswith(nxt.astype(str), prefix)
+    return inside
+
+
+def span_attribution(
+    spans: pd.DataFrame, scores: pd.DataFrame, verdicts: pd.DataFrame, window_start: datetime
+) -> pd.DataFrame:
+    """ATTRIBUTION rows: every candidate of every failing trace, with `is_culprit` on the chosen one."""
+    failing = pd.Index(verdicts.loc[verdicts["verdict"] == "fail", "trace_id"])
+    candidates = _candidates(spans, scores, failing)
+    eligible = ~_has_candidate_descendant(candidates)
+    first = candidates[eligible].drop_duplicates("trace_id", keep="first").index
+    candidates["is_culprit"] = candidates.index.isin(first)
+
+    unexplained = failing.difference(pd.Index(candidates["trace_id"].unique()))
+    if len(unexplained):
+        pool = spans[spans["trace_id"].isin(unexplained)]
+        llm = pool[pool["run_type"] == "llm"].sort_values("start_time").drop_duplicates("trace_id", keep="last")
+        rootless = unexplained.difference(pd.Index(llm["trace_id"]))
+        roots = pool[pool["is_root"] & pool["trace_id"].isin(rootless)]
+        fallback = pd.concat([llm, roots])
+        candidates = pd.concat([candidates, pd.DataFrame({
+            "trace_id": fallback["trace_id"], "run_id": fallback["id"], "span_name": fallback["name"],
+            "run_type": fallback["run_type"], "dotted_order": fallback["dotted_order"],
+            "reason": NO_UPSTREAM_CAUSE, "evaluator": None, "score": np.nan, "is_culprit": True,
+        })], ignore_index=True)
+    candidates.insert(0, "window_start", pd.Timestamp(window_start))
+    candidates["schema_version"] = SCHEMA_VERSION
+    return candidates.reset_index(drop=True)
+
+
+def attribution_table(frame: pd.DataFrame) -> pa.Table:
+    return pa.Table.from_pandas(frame[[f.name for f in ATTRIBUTION]], schema=ATTRIBUTION, preserve_index=False)
+
+
+@task(name="attribute", cache_policy=NO_CACHE)
+def attribute_task(
+    spans: pd.DataFrame, scores: pd.DataFrame, verdicts: pd.DataFrame, window_start: datetime
+) -> pd.DataFrame:
+    return span_attribution(spans, scores, verdicts, window_start)

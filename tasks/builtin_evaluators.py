@@ -1,0 +1,191 @@
+"""Built-in evaluators for people with no LLM at hand.
+
+They follow the protocol of any LangSmith evaluator (openevals style): keyword-only
+functions of `inputs`, `outputs` or `run` returning a `{key, score, comment}` dict.
+Each `builtin:<name>` is a factory; `params` in the config are its arguments:
+
+    >>> relevance = retrieval_relevance()
+    >>> relevance(inputs={"query": "reset router"}, outputs={"documents": ["Reset the router"]})["score"]
+    1.0
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+EvaluatorFn = Callable[..., dict[str, Any]]
+
+_WORD = re.compile(r"[a-z0-9]{3,}")
+_STOP = frozenset(
+    "the and for you your with can this that from how fix are was not but have has had what when where "
+    "which who will would could should into about please".split()
+)
+_TEXT_KEYS = ("answer", "output", "text", "content", "result", "response", "generation")
+_QUERY_KEYS = ("query", "question", "input", "prompt")
+_DOC_KEYS = ("documents", "source_documents", "context", "docs")
+
+
+def _words(text: str) -> set[str]:
+    return set(_WORD.findall(text.lower())) - _STOP
+
+
+def _text(value: Any) -> str:
+    """Flatten any JSON value (messages, documents, strings) into plain text."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping):
+        for key in ("page_content", "content", "text"):
+            if isinstance(value.get(key), str):
+                return value[key]
+        return " ".join(_text(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return " ".join(_text(v) for v in value)
+    return str(value)
+
+
+def _first(mapping: Mapping[str, Any] | None, keys: tuple[str, ...], field: str | None = None) -> Any:
+    if not mapping:
+        return None
+    if field is not None:
+        return mapping.get(field)
+    for key in keys:
+        if key in mapping:
+            return mapping[key]
+    strings = [v for v in mapping.values() if isinstance(v, str)]
+    return strings[0] if len(strings) == 1 else None
+
+
+def _documents(*mappings: Mapping[str, Any] | None) -> Any:
+    for mapping in mappings:
+        if mapping:
+            for key in _DOC_KEYS:
+                if key in mapping:
+                    return mapping[key]
+    return None
+
+
+def _overlap(part: set[str], whole: set[str]) -> float:
+    return len(part & whole) / len(part) if part else 0.0
+
+
+def retrieval_relevance(key: str = "retrieval_relevance") -> EvaluatorFn:
+    """Share of the query's words found in the retrieved documents (0..1)."""
+
+    def evaluate(*, inputs: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
+        query = _words(_text(_first(inputs, _QUERY_KEYS) or inputs))
+        documents = _documents(outputs, inputs)
+        if documents is None:
+            return {"key": key, "score": 0.0, "comment": "no documents in outputs"}
+        score = _overlap(query, _words(_text(documents)))
+        return {"key": key, "score": round(score, 4), "comment": f"{score:.0%} of query words in documents"}
+
+    return evaluate
+
+
+def groundedness(key: str = "groundedness") -> EvaluatorFn:
+    """Share of the answer's words supported by the retrieved text (0..1); no answer scores 0."""
+
+    def evaluate(*, inputs: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
+        answer = _words(_text(_first(outputs, _TEXT_KEYS)))
+        if not answer:
+            return {"key": key, "score": 0.0, "comment": "no answer"}
+        documents = _documents(outputs, inputs)
+        if documents is None:
+            return {"key": key, "score": 0.0, "comment": "no retrieved text to ground the answer in"}
+        score = _overlap(answer, _words(_text(documents)))
+        return {"key": key, "score": round(score, 4), "comment": f"{score:.0%} of answer words in sources"}
+
+    return evaluate
+
+
+def non_empty_answer(key: str = "non_empty_answer", field: str | None = None) -> EvaluatorFn:
+    """1 when the output holds a non-blank answer."""
+
+    def evaluate(*, outputs: dict[str, Any]) -> dict[str, Any]:
+        answer = _text(_first(outputs, _TEXT_KEYS, field)).strip()
+        return {"key": key, "score": float(bool(answer)), "comment": None if answer else "empty answer"}
+
+    return evaluate
+
+
+def error_free(key: str = "error_free") -> EvaluatorFn:
+    """1 when the run finished without an error."""
+
+    def evaluate(*, run: Any) -> dict[str, Any]:
+        failed = bool(run.error) or getattr(run, "status", None) == "error"
+        return {"key": key, "score": 0.0 if failed else 1.0, "comment": (run.error or "")[:200] or None}
+
+    return evaluate
+
+
+def latency_slo(max_seconds: float, key: str = "latency_slo") -> EvaluatorFn:
+    """1 when the run took at most `max_seconds`."""
+    if max_seconds <= 0:
+        raise ValueError(f"latency_slo max_seconds must be positive, got {max_seconds}")
+
+    def evaluate(*, run: Any) -> dict[str, Any]:
+        if run.end_time is None:
+            return {"key": key, "score": 0.0, "comment": "run has not finished"}
+        seconds = (run.end_time - run.start_time).total_seconds()
+        return {"key": key, "score": float(seconds <= max_seconds), "comment": f"{seconds:.2f}s (SLO {max_seconds}s)"}
+
+    return evaluate
+
+
+def valid_json(key: str = "valid_json", field: str | None = None) -> EvaluatorFn:
+    """1 when the output text (or `field`) parses as JSON."""
+
+    def evaluate(*, outputs: dict[str, Any]) -> dict[str, Any]:
+        value = _first(outputs, _TEXT_KEYS, field)
+        if not isinstance(value, str):
+            return {"key": key, "score": float(value is not None), "comment": None}
+        try:
+            json.loads(value)
+        except ValueError as exc:
+            return {"key": key, "score": 0.0, "comment": f"invalid JSON: {exc}"}
+        return {"key": key, "score": 1.0, "comment": None}
+
+    return evaluate
+
+
+def regex(pattern: str, key: str = "regex", field: str | None = None, must_match: bool = True) -> EvaluatorFn:
+    """1 when the output text matches `pattern` (or, with must_match: false, when it does not)."""
+    compiled = re.compile(pattern)
+
+    def evaluate(*, outputs: dict[str, Any]) -> dict[str, Any]:
+        found = compiled.search(_text(_first(outputs, _TEXT_KEYS, field))) is not None
+        comment = f"/{pattern}/ {'found' if found else 'absent'}"
+        return {"key": key, "score": float(found == must_match), "comment": comment}
+
+    return evaluate
+
+
+def contains(
+    text: str, key: str = "contains", field: str | None = None, case_sensitive: bool = False
+) -> EvaluatorFn:
+    """1 when the output text contains `text`."""
+    needle = text if case_sensitive else text.lower()
+
+    def evaluate(*, outputs: dict[str, Any]) -> dict[str, Any]:
+        haystack = _text(_first(outputs, _TEXT_KEYS, field))
+        found = needle in (haystack if case_sensitive else haystack.lower())
+        return {"key": key, "score": float(found), "comment": None if found else f"{text!r} not found"}
+
+    return evaluate
+
+
+BUILTINS: dict[str, Callable[..., EvaluatorFn]] = {
+    "retrieval_relevance": retrieval_relevance,
+    "groundedness": groundedness,
+    "non_empty_answer": non_empty_answer,
+    "error_free": error_free,
+    "latency_slo": latency_slo,
+    "valid_json": valid_json,
+    "regex": regex,
+    "contains": contains,
+}

@@ -1,0 +1,299 @@
+"""The loop config: one pydantic model, read from YAML by the CLI and taken as the flow's parameter.
+
+Everything is validated before any stage runs; errors name the field and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str | int | float) -> timedelta:
+    """'90s', '15m', '1h', '1d' (or a number of seconds) as a timedelta."""
+    if isinstance(text, int | float):
+        return timedelta(seconds=float(text))
+    match = _DURATION.match(str(text))
+    if not match:
+        raise ValueError(f"duration {text!r} is not understood; write it like '30s', '15m', '1h' or '1d'")
+    return timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FileSource(_Strict):
+    """Run records exported to a file: JSONL (one LangSmith run per line) or Parquet."""
+
+    kind: Literal["file"] = "file"
+    path: str = Field(description="JSONL or Parquet file of LangSmith run records, roots and child spans together.")
+
+
+class SampleSource(_Strict):
+    """The built-in sample traces of a RAG/agent app, generated on the fly (no credentials, no network)."""
+
+    kind: Literal["sample"] = "sample"
+    traces: int = Field(2000, ge=1, description="How many traces to generate.")
+    seed: int = Field(7, description="Random seed; the same seed gives the same traces and the same action ids.")
+    hours: int = Field(3, ge=1, description="The traces' root start times are spread over this many hours.")
+
+
+Source = Annotated[FileSource | SampleSource, Field(discriminator="kind")]
+
+
+class WindowConfig(_Strict):
+    size: str = Field("1h", description="Window length, aligned to the epoch: '15m', '1h', '1d'.")
+    lag: str = Field(
+        "10m",
+        description="A window is final (and cacheable) only this long after its end, for late-arriving spans.",
+    )
+
+    @field_validator("size", "lag")
+    @classmethod
+    def _is_duration(cls, value: str) -> str:
+        parse_duration(value)
+        return value
+
+    @property
+    def size_delta(self) -> timedelta:
+        return parse_duration(self.size)
+
+    @property
+    def lag_delta(self) -> timedelta:
+        return parse_duration(self.lag)
+
+
+class SpanTarget(_Strict):
+    """Which spans a span evaluator scores: by run type, by name, or both."""
+
+    run_type: str | None = Field(None, description="LangSmith run type: llm, chain, tool, retriever, ...")
+    name: str | None = Field(None, description="Span name, e.g. 'search_docs'.")
+
+    @model_validator(mode="after")
+    def _names_something(self) -> SpanTarget:
+        if self.run_type is None and self.name is None:
+            raise ValueError("a span target needs run_type or name, e.g. {run_type: retriever}")
+        if self.run_type is not None:
+            self.run_type = self.run_type.lower()
+        return self
+
+
+class EvaluatorConfig(_Strict):
+    key: str = Field(description="Feedback key the scores are recorded under.")
+    ref: str = Field(description="Import path 'package.module:function', or 'builtin:<name>'.")
+    threshold: float = Field(0.5, description="Scores below it fail (above it with higher_is_better: false).")
+    higher_is_better: bool = True
+    score_range: tuple[float, float] = Field(
+        (0.0, 1.0), description="The scores this evaluator gives; the threshold must lie inside it."
+    )
+    target: Literal["root"] | SpanTarget = Field(
+        "root", description="'root': decides pass/fail of the trace; a span target feeds attribution."
+    )
+    params: dict[str, Any] | None = Field(
+        None, description="If set, `ref` names a factory called with these keyword arguments."
+    )
+    pass_values: list[str] | None = Field(
+        None, description="For evaluators returning a categorical value: the values that pass."
+    )
+    timeout: float = Field(30.0, gt=0, description="Seconds one evaluation may take before it is an error row.")
+    max_concurrency: int = Field(
+        1, ge=1, le=256, description="Evaluations in flight at once (async evaluators, or sync ones in threads)."
+    )
+
+    @field_validator("key")
+    @classmethod
+    def _key_is_plain(cls, value: str) -> str:
+        if not value or not re.fullmatch(r"[A-Za-z0-9_.\-]+", value):
+            raise ValueError(f"evaluator key {value!r} must be letters, digits, '_', '-' or '.'")
+        return value
+
+    @field_validator("ref")
+    @classmethod
+    def _ref_has_form(cls, value: str) -> str:
+        if ":" not in value:
+            raise ValueError(
+                f"evaluator ref {value!r} must be 'package.module:function' or 'builtin:<name>'"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _threshold_in_range(self) -> EvaluatorConfig:
+        low, high = self.score_range
+        if not low <= self.threshold <= high:
+            raise ValueError(
+                f"threshold {self.threshold} of evaluator {self.key!r} is outside its score_range [{low}, {high}]; "
+                f"lower the threshold or set score_range"
+            )
+        return self
+
+    @property
+    def is_root(self) -> bool:
+        return self.target == "root"
+
+
+class When(_Strict):
+    """Which failing traces an action applies to."""
+
+    evaluator: str | None = Field(None, description="Evaluator key whose score is compared.")
+    below: float | None = None
+    above: float | None = None
+    failing: bool | None = Field(None, description="true: every failing trace.")
+
+    @model_validator(mode="after")
+    def _says_something(self) -> When:
+        if self.evaluator is None and not self.failing:
+            raise ValueError("a `when` needs an evaluator with below/above, or `failing: true`")
+        if self.evaluator is not None and self.below is None and self.above is None:
+            raise ValueError(f"`when: {{evaluator: {self.evaluator}}}` needs `below:` or `above:`")
+        return self
+
+
+class ActionConfig(_Strict):
+    when: When
+    do: Literal["log", "call"] = Field(description="'log': the local action log; 'call': a Python function.")
+    ref: str | None = Field(None, description="For do: call, the function 'package.module:function'.")
+    name: str | None = Field(None, description="Action name used in its id; defaults to `do` and its index.")
+
+    @model_validator(mode="after")
+    def _call_has_ref(self) -> ActionConfig:
+        if self.do == "call" and not self.ref:
+            raise ValueError("`do: call` needs `ref: package.module:function`")
+        return self
+
+
+class SnapshotConfig(_Strict):
+    url: str | None = Field(None, description="Where snapshots go; defaults to <out>/snapshots.")
+
+
+class LoopConfig(_Strict):
+    """A feedback loop: where runs come from, how they are scored, and what happens to failures."""
+
+    name: str = Field("tracetriage", description="Loop name: part of every action id.")
+    source: Source = Field(default_factory=SampleSource)
+    window: WindowConfig = Field(default_factory=WindowConfig)
+    evaluators: list[EvaluatorConfig] = Field(
+        default_factory=lambda: default_evaluators(),
+        description="Evaluators; the default is the built-in set tuned to the sample traces.",
+    )
+    actions: list[ActionConfig] = Field(
+        default_factory=lambda: [ActionConfig(when=When(failing=True), do="log", name="log-failures")],
+        description="Rules: which traces get which action.",
+    )
+    snapshots: SnapshotConfig = Field(default_factory=SnapshotConfig)
+    batch_size: int = Field(2000, ge=1, description="Traces per evaluation task.")
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> LoopConfig:
+        keys = [e.key for e in self.evaluators]
+        duplicates = sorted({k for k in keys if keys.count(k) > 1})
+        if duplicates:
+            raise ValueError(f"evaluator keys must be unique; {duplicates} appear more than once")
+        if not any(e.is_root for e in self.evaluators):
+            raise ValueError("at least one evaluator needs `target: root`: root evaluators decide pass/fail")
+        for i, action in enumerate(self.actions):
+            name = action.when.evaluator
+            if name is not None and name not in keys:
+                hint = difflib.get_close_matches(name, keys, n=1)
+                fix = f"; did you mean {hint[0]!r}?" if hint else f"; known keys: {keys}"
+                raise ValueError(f"actions[{i}].when.evaluator {name!r} is not an evaluator key{fix}")
+        names = [a.name for a in self.actions if a.name]
+        if len(names) != len(set(names)):
+            raise ValueError("action names must be unique")
+        return self
+
+    def action_name(self, index: int) -> str:
+        action = self.actions[index]
+        return action.name or f"{action.do}-{index}"
+
+
+
+def default_evaluators() -> list[EvaluatorConfig]:
+    """Built-in evaluators that need no LLM, tuned to the sample RAG/agent traces."""
+    return [
+        EvaluatorConfig(key="answer_grounded", ref="builtin:groundedness", threshold=0.5),
+        EvaluatorConfig(key="answer_relevant", ref="builtin:retrieval_relevance", threshold=0.3),
+        EvaluatorConfig(key="no_error", ref="builtin:error_free", threshold=1.0),
+        EvaluatorConfig(
+            key="latency_ok", ref="builtin:latency_slo", params={"max_seconds": 8.0}, threshold=1.0
+        ),
+        EvaluatorConfig(
+            key="retrieval_relevance",
+            ref="builtin:retrieval_relevance",
+            threshold=0.3,
+            target=SpanTarget(run_type="retriever"),
+        ),
+        EvaluatorConfig(
+            key="span_latency",
+            ref="builtin:latency_slo",
+            params={"max_seconds": 2.0},
+            threshold=1.0,
+            target=SpanTarget(name="rerank"),
+        ),
+        EvaluatorConfig(
+            key="groundedness",
+            ref="builtin:groundedness",
+            threshold=0.5,
+            target=SpanTarget(name="answer_llm"),
+        ),
+    ]
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the field and the fix."""
+
+
+def _all_field_names() -> set[str]:
+    names: set[str] = set()
+    for cls in (LoopConfig, FileSource, SampleSource, WindowConfig, SpanTarget, EvaluatorConfig, When,
+                ActionConfig, SnapshotConfig):
+        names.update(cls.model_fields)
+    return names
+
+
+def describe_validation_error(error: ValidationError, origin: str) -> str:
+    """One line per problem: where it is, what is wrong, and the fix where one can be guessed."""
+    lines = [f"invalid config in {origin}:"]
+    items = error.errors()
+
+    for item in items:
+        loc = [str(p) for p in item["loc"]]
+        if loc and "literal[" in loc[-1] and len(items) > 1:
+            continue  # the other branch of `root | {run_type, name}` says more
+        where = ".".join(p for p in loc if not p.startswith("function-") and p not in ("file", "sample"))
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            hint = difflib.get_close_matches(loc[-1], sorted(_all_field_names()), n=1)
+            message = f"unknown field{f'; did you mean {hint[0]!r}?' if hint else ''}"
+        lines.append(f"  {where or '(top level)'}: {message}")
+
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, data: dict[str, Any] | None = None) -> LoopConfig:
+    """The loop config from a YAML file (or a dict), validated; raises ConfigError naming the field."""
+    origin = str(path) if path else "config"
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin} must be a YAML mapping, got {type(data).__name__}")
+    try:
+        return LoopConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, origin)) from None

@@ -1,0 +1,204 @@
+"""Stage 8, dispatch: actions chosen by rules, each done exactly once.
+
+Every action has a deterministic id, uuid5 of (loop, window, run, action name), and
+a ledger entry written before (`planned`) and after (`sent` / `failed`) the effect.
+A rerun skips what the ledger says was sent; a failed action is tried again on the
+next run. Receivers get the action id as an idempotency key, so a crash between an
+effect and its ledger entry is absorbed by the receiver (the action log ignores an
+id it already holds).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pandas as pd
+import pyarrow.parquet as pq
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.config import LoopConfig, When
+from tasks.evaluate import RunRows
+from tasks.evaluators import import_ref
+
+ACTION_NAMESPACE = uuid.UUID("0b6a3f0e-4f7e-4c1f-9f55-2f0e8d1c7a11")
+
+
+def action_id(loop: str, window_start: datetime, run_id: str, action: str) -> str:
+    return str(uuid.uuid5(ACTION_NAMESPACE, f"{loop}/{window_start.isoformat()}/{run_id}/{action}"))
+
+
+def _append_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Append rows and make them durable before returning."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "ab") as handle:
+        for row in rows:
+            handle.write(orjson.dumps(row, default=str) + b"\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows = []
+    with open(path, "rb") as handle:
+        for line in handle:
+            try:
+                rows.append(orjson.loads(line))
+            except orjson.JSONDecodeError:
+                continue  # a torn last line from a crash mid-write; its action was never confirmed
+    return rows
+
+
+class Ledger:
+    """Append-only JSONL of action states; the last state of an id wins."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.states: dict[str, str] = {row["action_id"]: row["state"] for row in _read_jsonl(self.path)}
+
+    def record(self, action_id: str, state: str, **detail: Any) -> None:
+        _append_jsonl(self.path, [{"action_id": action_id, "state": state,
+                                   "at": datetime.now(UTC).isoformat(), **detail}])
+        self.states[action_id] = state
+
+
+class ActionLog:
+    """The local action log (`do: log`): one JSON line per action, idempotent by action id."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.ids = {row.get("action_id") for row in _read_jsonl(self.path)}
+
+    def write(self, record: dict[str, Any]) -> bool:
+        if record["action_id"] in self.ids:
+            return False
+        _append_jsonl(self.path, [record])
+        self.ids.add(record["action_id"])
+        return True
+
+
+def matching_traces(when: When, scores: pd.DataFrame, verdicts: pd.DataFrame) -> pd.DataFrame:
+    """Traces a rule applies to, with the score that matched it (NaN for `failing: true`)."""
+    traces = verdicts[["trace_id", "verdict"]]
+    if when.failing:
+        traces = traces[traces["verdict"] == "fail"]
+    if when.evaluator is None:
+        return traces.assign(evaluator=None, score=np.nan)
+    rows = scores[(scores["evaluator"] == when.evaluator) & scores["score"].notna()]
+    hit = np.ones(len(rows), dtype=bool)
+    if when.below is not None:
+        hit &= (rows["score"] < when.below).to_numpy()
+    if when.above is not None:
+        hit &= (rows["score"] > when.above).to_numpy()
+    worst = rows[hit].groupby("trace_id")["score"].agg("min" if when.below is not None else "max")
+    matched = traces[traces["trace_id"].isin(worst.index)]
+    return matched.assign(evaluator=when.evaluator, score=matched["trace_id"].map(worst).to_numpy())
+
+
+def planned_actions(
+    config: LoopConfig, window_start: datetime, scores: pd.DataFrame, verdicts: pd.DataFrame,
+    attribution: pd.DataFrame,
+) -> list[dict[str, Any]]:
+    """Every action the rules ask for in this window, in a stable order."""
+    culprits = attribution[attribution["is_culprit"]].set_index("trace_id")
+    planned = []
+    for index, rule in enumerate(config.actions):
+        name = config.action_name(index)
+        matched = matching_traces(rule.when, scores, verdicts).sort_values("trace_id")
+        for trace_id, verdict, evaluator, score in matched[["trace_id", "verdict", "evaluator", "score"]].itertuples(
+            index=False
+        ):
+            culprit = culprits.loc[trace_id] if trace_id in culprits.index else None
+            planned.append({
+                "action_id": action_id(config.name, window_start, trace_id, name),
+                "loop": config.name,
+                "action": name,
+                "do": rule.do,
+                "window_start": window_start.isoformat(),
+                "trace_id": trace_id,
+                "run_id": trace_id,  # a root run's id is its trace id
+                "evaluator": evaluator,
+                "score": None if score != score else float(score),
+                "verdict": verdict,
+                "culprit_run_id": None if culprit is None else culprit["run_id"],
+                "culprit_span": None if culprit is None else culprit["span_name"],
+                "culprit_reason": None if culprit is None else culprit["reason"],
+            })
+    return planned
+
+
+@dataclass
+class DispatchCounts:
+    planned: int = 0
+    sent: int = 0
+    skipped_duplicate: int = 0
+    failed: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+def _call_action(ref: str, record: dict[str, Any], run: Any) -> Any:
+    fn = import_ref(ref, what="action function")
+    params = inspect.signature(fn).parameters
+    extras = {k: v for k, v in (("action_id", record["action_id"]), ("record", record)) if k in params}
+    return fn(run, record["score"], **extras)
+
+
+def root_runs(window_spans_path: str, trace_ids: set[str]) -> dict[str, Any]:
+    """langsmith `Run` objects for the roots of some traces of a window."""
+    if not trace_ids:
+        return {}
+    table = pq.read_table(window_spans_path, filters=[("is_root", "=", True)])
+    table = table.filter(np.isin(table.column("trace_id").to_numpy(zero_copy_only=False), list(trace_ids)))
+    rows = RunRows(table)
+    return {rows.columns["trace_id"][i]: rows.run(i) for i in range(table.num_rows)}
+
+
+def dispatch_actions(
+    config: LoopConfig, planned: list[dict[str, Any]], ledger: Ledger, action_log: ActionLog,
+    window_spans_path: str,
+) -> DispatchCounts:
+    """Carry out planned actions not yet sent; returns the counts."""
+    counts = DispatchCounts(planned=len(planned))
+    todo = [p for p in planned if ledger.states.get(p["action_id"]) != "sent"]
+    counts.skipped_duplicate = len(planned) - len(todo)
+    rules = {config.action_name(i): rule for i, rule in enumerate(config.actions)}
+    needs_run = {p["trace_id"] for p in todo if p["do"] == "call"}
+    runs = root_runs(window_spans_path, needs_run)
+    for record in todo:
+        ledger.record(record["action_id"], "planned", action=record["action"], trace_id=record["trace_id"])
+        try:
+            if record["do"] == "log":
+                response: Any = "written" if action_log.write(record) else "already in the action log"
+            else:
+                response = _call_action(rules[record["action"]].ref, record, runs.get(record["trace_id"]))
+        except Exception as exc:
+            ledger.record(record["action_id"], "failed", error=f"{type(exc).__name__}: {exc}"[:500])
+            counts.failed += 1
+            continue
+        ledger.record(record["action_id"], "sent", response=_json_safe(response))
+        counts.sent += 1
+    return counts
+
+
+def _json_safe(value: Any) -> Any:
+    return orjson.loads(orjson.dumps(value, default=str))
+
+
+@task(name="dispatch", cache_policy=NO_CACHE)
+def dispatch_task(
+    config: LoopConfig, planned: list[dict[str, Any]], ledger_path: str, action_log_path: str,
+    window_spans_path: str,
+) -> DispatchCounts:
+    return dispatch_actions(config, planned, Ledger(ledger_path), ActionLog(action_log_path), window_spans_path)

@@ -1,0 +1,347 @@
+"""Evaluators as LangSmith runs them: resolution by import path, invocation, result normalisation.
+
+Accepted, unchanged: a `RunEvaluator` (e.g. `@run_evaluator`), a function whose
+parameters are named from `run, example, inputs, outputs, reference_outputs,
+attachments`, or a legacy two-argument `(run, example)` function; sync or async;
+returning bool / number / str / dict / list of dicts / `EvaluationResult(s)`.
+
+Production runs have no dataset example, so `example` is None, `reference_outputs`
+and `attachments` are `{}`, and `inputs` is the run's own inputs (LangSmith's
+`evaluate()` would pass the example's inputs; there is none here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import difflib
+import hashlib
+import importlib
+import inspect
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import Any
+
+from langsmith.evaluation.evaluator import EvaluationResult, RunEvaluator
+from langsmith.schemas import Run
+
+from tasks.builtin_evaluators import BUILTINS
+from tasks.config import EvaluatorConfig
+
+SUPPORTED_ARGS = ("run", "example", "inputs", "outputs", "reference_outputs", "attachments")
+
+_REGISTRY: dict[str, Any] = {}
+_REGISTRY_LOCK = threading.Lock()
+
+
+class EvaluatorError(ValueError):
+    """An evaluator that cannot be used; raised before anything runs."""
+
+
+def register(obj: Any, name: str | None = None) -> str:
+    """Make an in-process callable referable from config as 'python:<name>' (used by `feedback_loop`)."""
+    name = name or f"{getattr(obj, '__qualname__', type(obj).__name__)}-{id(obj):x}"
+    with _REGISTRY_LOCK:
+        _REGISTRY[name] = obj
+    return f"python:{name}"
+
+
+def import_ref(ref: str, what: str = "evaluator") -> Any:
+    """The object at 'package.module:attr' (or 'python:<registered name>')."""
+    module_name, _, attr = ref.partition(":")
+    if module_name == "python":
+        if attr not in _REGISTRY:
+            raise EvaluatorError(f"{what} ref {ref!r} is not registered in this process")
+        return _REGISTRY[attr]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise EvaluatorError(f"{what} ref {ref!r}: module {module_name!r} cannot be imported ({exc})") from None
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            names = [n for n in dir(obj) if not n.startswith("_")]
+            hint = difflib.get_close_matches(part, names, n=1)
+            fix = f"; did you mean {hint[0]!r}?" if hint else ""
+            raise EvaluatorError(f"{what} {attr!r} not found in module {module_name!r}{fix}")
+        obj = getattr(obj, part)
+    return obj
+
+
+@dataclass
+class BoundEvaluator:
+    """An evaluator ready to call on a run, with what it needs and how to call it."""
+
+    config: EvaluatorConfig
+    target: Any
+    mode: str  # "keywords" | "legacy" | "run_evaluator"
+    wants: tuple[str, ...]
+    is_async: bool
+    source_hash: str
+
+    @property
+    def key(self) -> str:
+        return self.config.key
+
+    @property
+    def needs_run(self) -> bool:
+        return self.mode != "keywords" or "run" in self.wants
+
+    def call(self, run_fields: dict[str, Any], run: Run | None) -> Any:
+        if self.mode == "run_evaluator":
+            return self.target.evaluate_run(run, None)
+        if self.mode == "legacy":
+            return self.target(run, None)
+        return self.target(**_arguments(self.wants, run_fields, run))
+
+    async def acall(self, run_fields: dict[str, Any], run: Run | None) -> Any:
+        if self.mode == "run_evaluator":
+            return await self.target.aevaluate_run(run, None)
+        if self.mode == "legacy":
+            return await self.target(run, None)
+        return await self.target(**_arguments(self.wants, run_fields, run))
+
+
+def _arguments(wants: tuple[str, ...], run_fields: dict[str, Any], run: Run | None) -> dict[str, Any]:
+    values = {
+        "run": run,
+        "example": None,
+        "inputs": run_fields["inputs"],
+        "outputs": run_fields["outputs"],
+        "reference_outputs": {},
+        "attachments": {},
+    }
+    return {name: values[name] for name in wants}
+
+
+def _source_hash(obj: Any) -> str:
+    """A hash of the evaluator's code, so cached scores are dropped when it changes."""
+    target = getattr(obj, "func", None) or getattr(obj, "afunc", None) or obj
+    try:
+        source = inspect.getsource(inspect.unwrap(target) if callable(target) else type(target))
+    except (OSError, TypeError):
+        source = repr(target)
+    return hashlib.sha256(source.encode()).hexdigest()[:16]
+
+
+def _signature_mode(fn: Callable[..., Any], label: str) -> tuple[str, tuple[str, ...]]:
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        raise EvaluatorError(f"{label} is not a function LangSmith can call") from None
+    params = [p for p in signature.parameters.values() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    required = [p for p in params if p.default is p.empty]
+    names = tuple(p.name for p in params if p.name in SUPPORTED_ARGS)
+    if [p.name for p in params] == ["run", "example"]:
+        return "legacy", ()
+    if params and all(p.name in SUPPORTED_ARGS for p in required) and names:
+        return "keywords", names
+    if len(required) == 2:
+        return "legacy", ()
+    found = ", ".join(p.name for p in params) or "none"
+    raise EvaluatorError(
+        f"{label} takes parameters ({found}); LangSmith evaluators take parameters named from "
+        f"{', '.join(SUPPORTED_ARGS)}, or two positional parameters (run, example)"
+    )
+
+
+def bind_evaluator(config: EvaluatorConfig) -> BoundEvaluator:
+    """Resolve `config.ref` (calling it with `params` when given) into a callable evaluator."""
+    label = f"evaluator {config.key!r} (ref {config.ref!r})"
+    scheme, _, name = config.ref.partition(":")
+    if scheme == "builtin":
+        if name not in BUILTINS:
+            hint = difflib.get_close_matches(name, list(BUILTINS), n=1)
+            fix = f"did you mean 'builtin:{hint[0]}'?" if hint else f"built-ins are {sorted(BUILTINS)}"
+            raise EvaluatorError(f"{label}: no built-in evaluator {name!r}; {fix}")
+        params = {"key": config.key, **(config.params or {})}
+        try:
+            target = BUILTINS[name](**params)
+        except TypeError as exc:
+            raise EvaluatorError(f"{label}: bad params {config.params}: {exc}") from None
+        source = _source_hash(BUILTINS[name]) + repr(sorted(params.items()))
+    else:
+        target = import_ref(config.ref)
+        source = _source_hash(target)
+        if config.params is not None:
+            try:
+                target = target(**config.params)
+            except Exception as exc:
+                raise EvaluatorError(f"{label}: the factory failed with params {config.params}: {exc}") from None
+            source += repr(sorted(config.params.items()))
+    if isinstance(target, RunEvaluator):
+        is_async = bool(getattr(target, "is_async", False))
+        return BoundEvaluator(config, target, "run_evaluator", (), is_async, _source_hash(target) + source)
+    if not callable(target):
+        raise EvaluatorError(f"{label} is a {type(target).__name__}, not a function or RunEvaluator")
+    mode, wants = _signature_mode(target, label)
+    is_async = inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(type(target).__call__)
+    return BoundEvaluator(config, target, mode, wants, is_async, hashlib.sha256(source.encode()).hexdigest()[:16])
+
+
+# --- results -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Result:
+    feedback_key: str
+    score: float | None
+    value: str | None
+    comment: str | None
+    error: str | None
+
+
+def _one_result(item: Any, default_key: str) -> Result:
+    if isinstance(item, EvaluationResult):
+        item = {"key": item.key, "score": item.score, "value": item.value, "comment": item.comment}
+    if not isinstance(item, dict):
+        raise ValueError(f"expected a dict or EvaluationResult, got {type(item).__name__}: {item!r:.80}")
+    if all(k not in item for k in ("score", "value", "comment")):
+        raise ValueError(f"expected a dict with 'score', 'value' or 'comment'; got {item!r:.120}")
+    score, value = item.get("score"), item.get("value")
+    if isinstance(score, bool):
+        score = float(score)
+    elif score is not None and not isinstance(score, int | float):
+        raise ValueError(f"score must be a number or bool, got {score!r:.60}")
+    if isinstance(value, bool) and score is None:
+        score, value = float(value), None
+    comment = item.get("comment")
+    return Result(
+        str(item.get("key") or default_key),
+        None if score is None else float(score),
+        None if value is None else str(value),
+        None if comment is None else str(comment),
+        None,
+    )
+
+
+def normalise_result(result: Any, default_key: str) -> list[Result]:
+    """Whatever an evaluator returned, as LangSmith would read it: a list of Results."""
+    if isinstance(result, bool):
+        return [Result(default_key, float(result), None, None, None)]
+    if isinstance(result, int | float):
+        return [Result(default_key, float(result), None, None, None)]
+    if isinstance(result, str):
+        return [Result(default_key, None, result, None, None)]
+    if isinstance(result, EvaluationResult):
+        return [_one_result(result, default_key)]
+    if isinstance(result, dict) and "results" in result:
+        return [_one_result(item, default_key) for item in result["results"]]
+    if isinstance(result, list) and result:
+        return [_one_result(item, default_key) for item in result]
+    if isinstance(result, dict) and result:
+        return [_one_result(result, default_key)]
+    raise ValueError(f"evaluator returned {result!r:.80}; expected bool, number, str, dict, list or EvaluationResult")
+
+
+def error_result(key: str, message: str) -> list[Result]:
+    return [Result(key, None, None, None, message)]
+
+
+# --- running -------------------------------------------------------------------------------------
+
+_RUN_DEFAULTS: dict[str, Any] = Run.model_construct(
+    id=uuid.UUID(int=0), name="", run_type="chain", start_time=None, trace_id=uuid.UUID(int=0)
+).__dict__
+
+
+def run_object(fields: dict[str, Any]) -> Run:
+    """A langsmith `Run` for evaluators that take `run`.
+
+    Built the way `Run.model_construct` builds one, with the defaults resolved once
+    instead of per run: the values come from our own validated table.
+    """
+    values = dict(_RUN_DEFAULTS)
+    values.update(
+        id=uuid.UUID(fields["id"]),
+        name=fields["name"],
+        run_type=fields["run_type"],
+        start_time=fields["start_time"],
+        end_time=fields["end_time"],
+        inputs=fields["inputs"],
+        outputs=fields["outputs"],
+        error=fields["error"],
+        status=fields["status"],
+        trace_id=uuid.UUID(fields["trace_id"]),
+        dotted_order=fields["dotted_order"],
+        parent_run_id=uuid.UUID(fields["parent_run_id"]) if fields["parent_run_id"] else None,
+        session_id=uuid.UUID(fields["session_id"]) if fields["session_id"] else None,
+        extra={"metadata": fields["metadata"] or {}},
+        total_tokens=fields["total_tokens"],
+        app_path=fields["app_path"],
+    )
+    run = Run.__new__(Run)
+    object.__setattr__(run, "__dict__", values)
+    object.__setattr__(run, "__pydantic_fields_set__", set(values))
+    object.__setattr__(run, "__pydantic_extra__", None)
+    object.__setattr__(run, "__pydantic_private__", None)
+    return run
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:500]
+
+
+def _timed_sync(evaluator: BoundEvaluator, fields: dict[str, Any], run: Run | None) -> list[Result]:
+    began = time.perf_counter()
+    try:
+        results = normalise_result(evaluator.call(fields, run), evaluator.key)
+    except Exception as exc:
+        return error_result(evaluator.key, _describe(exc))
+    took = time.perf_counter() - began
+    if took > evaluator.config.timeout:
+        return error_result(evaluator.key, f"timed out: took {took:.1f}s, timeout is {evaluator.config.timeout}s")
+    return results
+
+
+def evaluate_items(
+    evaluator: BoundEvaluator, items: list[tuple[dict[str, Any], Run | None]]
+) -> list[list[Result]]:
+    """Results for each (fields, run) item, in order; errors and timeouts become error results."""
+    if evaluator.is_async:
+        return asyncio.run(_evaluate_async(evaluator, items))
+    if evaluator.config.max_concurrency == 1:
+        return [_timed_sync(evaluator, fields, run) for fields, run in items]
+    return _evaluate_threads(evaluator, items)
+
+
+def _evaluate_threads(
+    evaluator: BoundEvaluator, items: list[tuple[dict[str, Any], Run | None]]
+) -> list[list[Result]]:
+    timeout = evaluator.config.timeout
+    pool = ThreadPoolExecutor(max_workers=evaluator.config.max_concurrency, thread_name_prefix="evaluator")
+    try:
+        futures = [pool.submit(evaluator.call, fields, run) for fields, run in items]
+        out = []
+        for future in futures:
+            try:
+                out.append(normalise_result(future.result(timeout=timeout), evaluator.key))
+            except FutureTimeout:
+                out.append(error_result(evaluator.key, f"timed out after {timeout}s"))
+            except Exception as exc:
+                out.append(error_result(evaluator.key, _describe(exc)))
+        return out
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+async def _evaluate_async(
+    evaluator: BoundEvaluator, items: list[tuple[dict[str, Any], Run | None]]
+) -> list[list[Result]]:
+    bound = asyncio.Semaphore(evaluator.config.max_concurrency)
+    timeout = evaluator.config.timeout
+
+    async def one(fields: dict[str, Any], run: Run | None) -> list[Result]:
+        async with bound:
+            try:
+                result = await asyncio.wait_for(evaluator.acall(fields, run), timeout)
+                return normalise_result(result, evaluator.key)
+            except TimeoutError:
+                return error_result(evaluator.key, f"timed out after {timeout}s")
+            except Exception as exc:
+                return error_result(evaluator.key, _describe(exc))
+
+    return await asyncio.gather(*(one(fields, run) for fields, run in items))

@@ -1,0 +1,121 @@
+"""One Arrow schema per table; writers, readers and tests all use these."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+_TS = pa.timestamp("us", tz="UTC")
+
+SPANS = pa.schema(
+    [
+        ("id", pa.string()),
+        ("trace_id", pa.string()),
+        ("parent_run_id", pa.string()),
+        ("name", pa.string()),
+        ("run_type", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("start_time", _TS),
+        ("end_time", _TS),
+        ("latency_s", pa.float64()),
+        ("dotted_order", pa.string()),
+        ("session_id", pa.string()),
+        ("is_root", pa.bool_()),
+        ("total_tokens", pa.int64()),
+        ("metadata", pa.string()),  # JSON text of the run's metadata
+        ("record", pa.string()),  # the whole run record as JSON text: parsed only for scored spans
+        ("app_path", pa.string()),
+    ]
+)
+
+# One row per (span, evaluator result). Written by evaluate, statuses filled by partition.
+SCORES = pa.schema(
+    [
+        ("window_start", _TS),
+        ("trace_id", pa.string()),
+        ("run_id", pa.string()),
+        ("span_name", pa.string()),
+        ("run_type", pa.string()),
+        ("dotted_order", pa.string()),
+        ("is_root", pa.bool_()),
+        ("evaluator", pa.string()),
+        ("feedback_key", pa.string()),
+        ("score", pa.float64()),
+        ("value", pa.string()),
+        ("comment", pa.string()),
+        ("error", pa.string()),
+        ("threshold", pa.float64()),
+        ("status", pa.string()),  # pass | fail | error
+        ("schema_version", pa.int32()),
+    ]
+)
+
+# Every candidate culprit of every failing trace; `is_culprit` marks the chosen one.
+ATTRIBUTION = pa.schema(
+    [
+        ("window_start", _TS),
+        ("trace_id", pa.string()),
+        ("run_id", pa.string()),
+        ("span_name", pa.string()),
+        ("run_type", pa.string()),
+        ("dotted_order", pa.string()),
+        ("reason", pa.string()),  # error | below_threshold | no_upstream_cause
+        ("evaluator", pa.string()),
+        ("score", pa.float64()),
+        ("is_culprit", pa.bool_()),
+        ("schema_version", pa.int32()),
+    ]
+)
+
+PATTERNS = pa.schema(
+    [
+        ("window_start", _TS),
+        ("condition", pa.string()),
+        ("kind", pa.string()),  # span_below_threshold | span_error | span_latency_outlier | metadata
+        ("span_name", pa.string()),
+        ("failing_traces", pa.int64()),
+        ("passing_traces", pa.int64()),
+        ("fail_share", pa.float64()),
+        ("pass_share", pa.float64()),
+        ("lift", pa.float64()),
+        ("example_trace_ids", pa.list_(pa.string())),
+        ("schema_version", pa.int32()),
+    ]
+)
+
+ROOT_CAUSES = pa.schema(
+    [
+        ("window_start", _TS),
+        ("span_name", pa.string()),
+        ("reason", pa.string()),
+        ("traces", pa.int64()),
+        ("share", pa.float64()),
+        ("example_trace_ids", pa.list_(pa.string())),
+        ("schema_version", pa.int32()),
+    ]
+)
+
+WINDOWS = pa.schema(
+    [
+        ("window_start", _TS),
+        ("window_end", _TS),
+        ("traces", pa.int64()),
+        ("spans", pa.int64()),
+        ("skipped_records", pa.int64()),
+        ("failing_traces", pa.int64()),
+        ("passing_traces", pa.int64()),
+        ("error_traces", pa.int64()),
+        ("summary_json", pa.string()),
+        ("schema_version", pa.int32()),
+    ]
+)
+
+SNAPSHOT_TABLES = {
+    "scores": SCORES,
+    "attribution": ATTRIBUTION,
+    "patterns": PATTERNS,
+    "root_causes": ROOT_CAUSES,
+    "windows": WINDOWS,
+}

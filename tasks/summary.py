@@ -1,0 +1,104 @@
+"""The window summary (the CLI's JSON and text output) and the Prefect artifacts made from it."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import pandas as pd
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from tasks.config import EvaluatorConfig
+
+TOP = 10
+
+
+def _records(frame: pd.DataFrame, columns: list[str]) -> list[dict[str, Any]]:
+    out = []
+    for row in frame[columns].to_dict("records"):
+        out.append({k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()})
+    return out
+
+
+def window_summary(
+    window_start: datetime, window_end: datetime, traces: int, spans: int, skipped: int,
+    scores: pd.DataFrame, verdicts: pd.DataFrame, configs: list[EvaluatorConfig],
+    root_causes: pd.DataFrame, patterns: pd.DataFrame, actions: dict[str, int], snapshot_uri: str,
+) -> dict[str, Any]:
+    by_status = scores.groupby(["evaluator", "status"]).size()
+    evaluators = {
+        c.key: {"threshold": c.threshold,
+                **{s: int(by_status.get((c.key, s), 0)) for s in ("pass", "fail", "error")}}
+        for c in configs
+    }
+    patterns = patterns.assign(example_trace_ids=patterns["example_trace_ids"].map(list))
+    root_causes = root_causes.assign(example_trace_ids=root_causes["example_trace_ids"].map(list))
+    return {
+        "window_start": window_start.isoformat(),
+        "window_end": window_end.isoformat(),
+        "traces": traces,
+        "spans": spans,
+        "skipped_records": skipped,
+        "evaluators": evaluators,
+        "failing_traces": int((verdicts["verdict"] == "fail").sum()),
+        "root_causes": _records(root_causes, ["span_name", "reason", "traces", "share", "example_trace_ids"]),
+        "patterns": _records(patterns, ["condition", "kind", "span_name", "failing_traces", "fail_share",
+                                        "pass_share", "lift", "example_trace_ids"]),
+        "actions": actions,
+        "snapshot_uri": snapshot_uri,
+    }
+
+
+def summary_text(window: dict[str, Any], top: int = 5) -> str:
+    """A readable block for one window."""
+    failing, traces = window["failing_traces"], window["traces"]
+    rate = failing / traces if traces else 0.0
+    lines = [
+        f"window {window['window_start']} .. {window['window_end']}: {traces} traces, {window['spans']} spans, "
+        f"{failing} failing ({rate:.1%}), {window['skipped_records']} records skipped",
+        "  evaluators: " + ", ".join(
+            f"{k} {v['pass']}/{v['fail']}/{v['error']}" for k, v in window["evaluators"].items()
+        ) + "  (pass/fail/error)",
+    ]
+    if window["root_causes"]:
+        lines.append("  root causes:")
+        for cause in window["root_causes"][:top]:
+            share, span, reason = cause["share"], cause["span_name"], cause["reason"]
+            lines.append(f"    {share:6.1%}  {span} ({reason}), {cause['traces']} traces")
+    if window["patterns"]:
+        lines.append("  failure modes:")
+        for pattern in window["patterns"][:top]:
+            lift = "-" if pattern["lift"] is None else f"{pattern['lift']:.1f}x"
+            lines.append(f"    {pattern['fail_share']:6.1%} of failures vs {pattern['pass_share'] or 0:6.1%} of passes "
+                         f"(lift {lift})  {pattern['condition']}")
+    a = window["actions"]
+    lines.append(f"  actions: {a['planned']} planned, {a['sent']} sent, {a['skipped_duplicate']} already done, "
+                 f"{a['failed']} failed")
+    return "\n".join(lines)
+
+
+def summary_markdown(window: dict[str, Any]) -> str:
+    lines = [f"# Triage of {window['window_start']}", "", "```", summary_text(window, top=TOP), "```", ""]
+    if window["root_causes"]:
+        lines += ["## Example failing traces", ""]
+        for cause in window["root_causes"][:TOP]:
+            ids = ", ".join(f"`{t}`" for t in cause["example_trace_ids"])
+            lines.append(f"- **{cause['span_name']}** ({cause['reason']}): {ids}")
+    lines += ["", f"Snapshot: {window['snapshot_uri']}"]
+    return "\n".join(lines)
+
+
+def _artifact_key(window_start: str) -> str:
+    return "".join(ch if ch.isalnum() else "-" for ch in window_start.lower())[:40].strip("-")
+
+
+@task(name="publish-artifacts", cache_policy=NO_CACHE)
+def publish_artifacts(window: dict[str, Any]) -> None:
+    key = _artifact_key(window["window_start"])
+    rows = [{k: v for k, v in p.items() if k != "example_trace_ids"} for p in window["patterns"][:TOP]]
+    create_table_artifact(table=rows or [{"condition": "no failures"}], key=f"patterns-{key}",
+                          description=f"Top failure patterns, window {window['window_start']}")
+    create_markdown_artifact(markdown=summary_markdown(window), key=f"summary-{key}",
+                             description=f"Triage summary, window {window['window_start']}")

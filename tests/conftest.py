@@ -1,0 +1,44 @@
+"""Shared fixtures: a temporary Prefect API for the session, sample traces, one triaged sample window set."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+import pytest  # noqa: E402
+from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings  # noqa: E402
+from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+
+from tasks.sample import generate_traces, write_sample  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_api(tmp_path_factory: pytest.TempPathFactory):
+    """A temporary Prefect server on a free loopback port, and result storage no other run shares."""
+    results = tmp_path_factory.mktemp("prefect-results")
+    with temporary_settings(updates={PREFECT_RESULTS_LOCAL_STORAGE_PATH: results}):
+        with prefect_test_harness(server_startup_timeout=60):
+            yield
+
+
+@pytest.fixture(scope="session")
+def sample_5k(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """5,000 sample traces over 2 hours, with their ground truth beside them."""
+    path = tmp_path_factory.mktemp("sample") / "runs.jsonl"
+    write_sample(path, generate_traces(5000, seed=11, hours=2))
+    return path
+
+
+@pytest.fixture(scope="session")
+def triaged_5k(sample_5k: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The triage flow's result on the 5,000 sample traces, and where it wrote."""
+    from flows.triage import triage
+    from tasks.config import FileSource, LoopConfig
+
+    out = tmp_path_factory.mktemp("out")
+    config = LoopConfig(source=FileSource(path=str(sample_5k)))
+    result = triage(config=config, out=str(out))
+    return {"result": result, "out": out, "config": config}
