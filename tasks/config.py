@@ -58,10 +58,18 @@ class WindowConfig(_Strict):
         description="A window is final (and cacheable) only this long after its end, for late-arriving spans.",
     )
 
-    @field_validator("size", "lag")
+    @field_validator("size")
+    @classmethod
+    def _is_positive_duration(cls, value: str) -> str:
+        if parse_duration(value) <= timedelta(0):
+            raise ValueError(f"window size {value!r} must be longer than zero, e.g. '1h'")
+        return value
+
+    @field_validator("lag")
     @classmethod
     def _is_duration(cls, value: str) -> str:
-        parse_duration(value)
+        if parse_duration(value) < timedelta(0):
+            raise ValueError(f"window lag {value!r} cannot be negative")
         return value
 
     @property
@@ -267,8 +275,10 @@ def describe_validation_error(error: ValidationError, origin: str) -> str:
 
     for item in items:
         loc = [str(p) for p in item["loc"]]
-        if loc and "literal[" in loc[-1] and len(items) > 1:
-            continue  # the other branch of `root | {run_type, name}` says more
+        if loc and "literal[" in loc[-1] and not isinstance(item.get("input"), str):
+            continue  # `target` was a mapping: the SpanTarget branch's error says more
+        if item["type"] == "model_type" and isinstance(item.get("input"), str):
+            continue  # `target` was a string: the literal branch's error ("should be 'root'") says more
         where = ".".join(p for p in loc if not p.startswith("function-") and p not in ("file", "sample"))
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":

@@ -13,6 +13,7 @@ and `attachments` are `{}`, and `inputs` is the run's own inputs (LangSmith's
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import difflib
 import hashlib
 import importlib
@@ -20,9 +21,7 @@ import inspect
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,7 +160,7 @@ def bind_evaluator(config: EvaluatorConfig) -> BoundEvaluator:
         params = {"key": config.key, **(config.params or {})}
         try:
             target = BUILTINS[name](**params)
-        except TypeError as exc:
+        except Exception as exc:
             raise EvaluatorError(f"{label}: bad params {config.params}: {exc}") from None
         source = _source_hash(BUILTINS[name]) + repr(sorted(params.items()))
     else:
@@ -311,33 +310,47 @@ def evaluate_items(
 def _evaluate_threads(
     evaluator: BoundEvaluator, items: list[tuple[dict[str, Any], Run | None]]
 ) -> list[list[Result]]:
-    timeout = evaluator.config.timeout
-    pool = ThreadPoolExecutor(max_workers=evaluator.config.max_concurrency, thread_name_prefix="evaluator")
-    try:
-        futures = [pool.submit(evaluator.call, fields, run) for fields, run in items]
-        out = []
-        for future in futures:
+    """Sync evaluations on up to `max_concurrency` threads at once, each bounded by the timeout.
+
+    Each evaluation gets its own daemon thread, so one that hangs past its timeout is
+    abandoned (Python cannot kill a thread) without holding up the others.
+    """
+
+    async def in_thread(fields: dict[str, Any], run: Run | None) -> Any:
+        loop = asyncio.get_running_loop()
+        settled: asyncio.Future[Any] = loop.create_future()
+
+        def settle(method: str, value: Any) -> None:
+            if not settled.done():
+                getattr(settled, method)(value)
+
+        def work() -> None:
             try:
-                out.append(normalise_result(future.result(timeout=timeout), evaluator.key))
-            except FutureTimeout:
-                out.append(error_result(evaluator.key, f"timed out after {timeout}s"))
+                outcome = ("set_result", evaluator.call(fields, run))
             except Exception as exc:
-                out.append(error_result(evaluator.key, _describe(exc)))
-        return out
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+                outcome = ("set_exception", exc)
+            with contextlib.suppress(RuntimeError):  # the loop is gone: this evaluation was abandoned
+                loop.call_soon_threadsafe(settle, *outcome)
+
+        threading.Thread(target=work, name=f"evaluator-{evaluator.key}", daemon=True).start()
+        return await settled
+
+    return asyncio.run(_evaluate_async(evaluator, items, in_thread))
 
 
 async def _evaluate_async(
-    evaluator: BoundEvaluator, items: list[tuple[dict[str, Any], Run | None]]
+    evaluator: BoundEvaluator,
+    items: list[tuple[dict[str, Any], Run | None]],
+    call: Callable[[dict[str, Any], Run | None], Awaitable[Any]] | None = None,
 ) -> list[list[Result]]:
     bound = asyncio.Semaphore(evaluator.config.max_concurrency)
     timeout = evaluator.config.timeout
+    call = call or evaluator.acall
 
     async def one(fields: dict[str, Any], run: Run | None) -> list[Result]:
         async with bound:
             try:
-                result = await asyncio.wait_for(evaluator.acall(fields, run), timeout)
+                result = await asyncio.wait_for(call(fields, run), timeout)
                 return normalise_result(result, evaluator.key)
             except TimeoutError:
                 return error_result(evaluator.key, f"timed out after {timeout}s")

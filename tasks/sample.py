@@ -303,3 +303,19 @@ def write_sample(path: str | Path, sample: SampleTraces) -> Path:
         for row in sample.truth:
             handle.write(orjson.dumps(row) + b"\n")
     return truth
+
+
+def to_v2_record(record: dict[str, Any]) -> dict[str, Any]:
+    """A v1 run record in the v2 wire form of `POST /v2/runs/query` (UPPERCASE enums, ancestor ids)."""
+    lineage = [segment[22:] for segment in record["dotted_order"].split(".")]
+    metadata = (record.get("extra") or {}).get("metadata")
+    v2 = {k: v for k, v in record.items() if k not in ("parent_run_id", "session_id", "extra")}
+    v2.update(
+        run_type=record["run_type"].upper(),
+        status=record["status"].upper(),
+        parent_run_ids=lineage[:-1],
+        project_id=record["session_id"],
+        is_root=len(lineage) == 1,
+        metadata=metadata,
+    )
+    return v2

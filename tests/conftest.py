@@ -19,7 +19,8 @@ from tasks.sample import generate_traces, write_sample  # noqa: E402
 def prefect_api(tmp_path_factory: pytest.TempPathFactory):
     """A temporary Prefect server on a free loopback port, and result storage no other run shares."""
     results = tmp_path_factory.mktemp("prefect-results")
-    with temporary_settings(updates={PREFECT_RESULTS_LOCAL_STORAGE_PATH: results}):
+    # No heartbeat thread: it makes every flow run wait ~1 s at its end, and tests do not crash-detect.
+    with temporary_settings(updates={PREFECT_RESULTS_LOCAL_STORAGE_PATH: results, "flows.heartbeat_frequency": None}):
         with prefect_test_harness(server_startup_timeout=60):
             yield
 
