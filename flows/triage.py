@@ -18,7 +18,7 @@ from tasks.attribute import SPAN_COLUMNS, attribute_task, attribution_table
 from tasks.cache import stable_hash, work_epoch
 from tasks.config import LoopConfig
 from tasks.dispatch import dispatch_task, planned_actions
-from tasks.evaluate import bind_all, evaluate_task
+from tasks.evaluate import bind_all, evaluate_task, evaluation_workers
 from tasks.evaluators import import_ref
 from tasks.fetch import SourceSpans, fetch_window_task, load_source_task, source_fingerprint, source_path
 from tasks.partition import partition_task
@@ -60,6 +60,7 @@ def triage_window(
     futures = evaluate_task.map(
         unmapped(window.path), batches, unmapped(config.evaluators), unmapped(window_start),
         [str(window_dir / f"scores-{eval_token or 'open'}-{b}.parquet") for b in batches], unmapped(eval_token),
+        unmapped(evaluation_workers(config.eval_workers)),
     )
     score_files = [f.result() for f in track_batches(futures, window_start)]
     raw_scores = pa.concat_tables([pq.read_table(path) for path in score_files]) if score_files else None

@@ -2,6 +2,9 @@
 
 They follow the protocol of any LangSmith evaluator (openevals style): keyword-only
 functions of `inputs`, `outputs` or `run` returning a `{key, score, comment}` dict.
+Those that need only span columns (`error_free`, `latency_slo`) use the columnar form
+that any user evaluator may use too: a single `spans` parameter (an Arrow table of the
+target spans) and columns of results back.
 Each `builtin:<name>` is a factory; `params` in the config are its arguments:
 
     >>> relevance = retrieval_relevance()
@@ -11,10 +14,14 @@ Each `builtin:<name>` is a factory; `params` in the config are its arguments:
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
 
 EvaluatorFn = Callable[..., dict[str, Any]]
 
@@ -28,23 +35,27 @@ _QUERY_KEYS = ("query", "question", "input", "prompt")
 _DOC_KEYS = ("documents", "source_documents", "context", "docs")
 
 
-def _words(text: str) -> set[str]:
-    return set(_WORD.findall(text.lower())) - _STOP
+@functools.lru_cache(maxsize=32_768)
+def _words(text: str) -> frozenset[str]:
+    """Content words of a text. Cached: the same documents, question and answer recur across a
+    trace's spans (retriever outputs, answer LLM context, root outputs)."""
+    return frozenset(_WORD.findall(text.lower())) - _STOP
 
 
 def _text(value: Any) -> str:
     """Flatten any JSON value (messages, documents, strings) into plain text."""
+    if type(value) is str:
+        return value
     if value is None:
         return ""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, Mapping):
+    if isinstance(value, dict):
         for key in ("page_content", "content", "text"):
-            if isinstance(value.get(key), str):
-                return value[key]
-        return " ".join(_text(v) for v in value.values())
+            text = value.get(key)
+            if type(text) is str:
+                return text
+        return " ".join([_text(v) for v in value.values()])
     if isinstance(value, list | tuple):
-        return " ".join(_text(v) for v in value)
+        return " ".join([_text(v) for v in value])
     return str(value)
 
 
@@ -69,7 +80,7 @@ def _documents(*mappings: Mapping[str, Any] | None) -> Any:
     return None
 
 
-def _overlap(part: set[str], whole: set[str]) -> float:
+def _overlap(part: frozenset[str], whole: frozenset[str]) -> float:
     return len(part & whole) / len(part) if part else 0.0
 
 
@@ -114,25 +125,28 @@ def non_empty_answer(key: str = "non_empty_answer", field: str | None = None) ->
 
 
 def error_free(key: str = "error_free") -> EvaluatorFn:
-    """1 when the run finished without an error."""
+    """1 when the run finished without an error. Columnar: one call scores every target span."""
 
-    def evaluate(*, run: Any) -> dict[str, Any]:
-        failed = bool(run.error) or getattr(run, "status", None) == "error"
-        return {"key": key, "score": 0.0 if failed else 1.0, "comment": (run.error or "")[:200] or None}
+    def evaluate(*, spans: pa.Table) -> dict[str, Any]:
+        error = spans.column("error")
+        failed = pc.or_(pc.fill_null(pc.not_equal(error, ""), False), pc.equal(spans.column("status"), "error"))
+        return {"score": pc.if_else(failed, 0.0, 1.0), "comment": pc.utf8_slice_codeunits(error, 0, 200)}
 
     return evaluate
 
 
 def latency_slo(max_seconds: float, key: str = "latency_slo") -> EvaluatorFn:
-    """1 when the run took at most `max_seconds`."""
+    """1 when the run took at most `max_seconds`. Columnar: one call scores every target span."""
     if max_seconds <= 0:
         raise ValueError(f"latency_slo max_seconds must be positive, got {max_seconds}")
 
-    def evaluate(*, run: Any) -> dict[str, Any]:
-        if run.end_time is None:
-            return {"key": key, "score": 0.0, "comment": "run has not finished"}
-        seconds = (run.end_time - run.start_time).total_seconds()
-        return {"key": key, "score": float(seconds <= max_seconds), "comment": f"{seconds:.2f}s (SLO {max_seconds}s)"}
+    def evaluate(*, spans: pa.Table) -> dict[str, Any]:
+        seconds = spans.column("latency_s")
+        within = pc.less_equal(seconds, max_seconds)
+        comments = [
+            "run has not finished" if s is None else f"{s:.2f}s (SLO {max_seconds}s)" for s in seconds.to_pylist()
+        ]
+        return {"score": pc.if_else(pc.fill_null(within, False), 1.0, 0.0), "comment": comments}
 
     return evaluate
 

@@ -26,8 +26,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.config import LoopConfig, When
-from tasks.evaluate import RunRows
+from tasks.evaluate import RunRows, records_path
 from tasks.evaluators import import_ref
+from tasks.records import RecordFile
 
 ACTION_NAMESPACE = uuid.UUID("0b6a3f0e-4f7e-4c1f-9f55-2f0e8d1c7a11")
 
@@ -67,9 +68,16 @@ class Ledger:
         self.states: dict[str, str] = {row["action_id"]: row["state"] for row in _read_jsonl(self.path)}
 
     def record(self, action_id: str, state: str, **detail: Any) -> None:
-        _append_jsonl(self.path, [{"action_id": action_id, "state": state,
-                                   "at": datetime.now(UTC).isoformat(), **detail}])
-        self.states[action_id] = state
+        self.record_many([{"action_id": action_id, **detail}], state)
+
+    def record_many(self, entries: list[dict[str, Any]], state: str) -> None:
+        """One durable append for many entries (each a dict with `action_id` and details)."""
+        if not entries:
+            return
+        at = datetime.now(UTC).isoformat()
+        _append_jsonl(self.path, [{**entry, "state": state, "at": at} for entry in entries])
+        for entry in entries:
+            self.states[entry["action_id"]] = state
 
 
 class ActionLog:
@@ -79,12 +87,12 @@ class ActionLog:
         self.path = Path(path)
         self.ids = {row.get("action_id") for row in _read_jsonl(self.path)}
 
-    def write(self, record: dict[str, Any]) -> bool:
-        if record["action_id"] in self.ids:
-            return False
-        _append_jsonl(self.path, [record])
-        self.ids.add(record["action_id"])
-        return True
+    def write_many(self, records: list[dict[str, Any]]) -> list[bool]:
+        """Append the records not logged yet, in one durable write; True where a record was new."""
+        new = [r["action_id"] not in self.ids for r in records]
+        _append_jsonl(self.path, [r for r, is_new in zip(records, new, strict=True) if is_new])
+        self.ids.update(r["action_id"] for r in records)
+        return new
 
 
 def matching_traces(when: When, scores: pd.DataFrame, verdicts: pd.DataFrame) -> pd.DataFrame:
@@ -110,29 +118,29 @@ def planned_actions(
     attribution: pd.DataFrame,
 ) -> list[dict[str, Any]]:
     """Every action the rules ask for in this window, in a stable order."""
-    culprits = attribution[attribution["is_culprit"]].set_index("trace_id")
-    planned = []
+    culprits = attribution.loc[attribution["is_culprit"], ["trace_id", "run_id", "span_name", "reason"]].rename(
+        columns={"run_id": "culprit_run_id", "span_name": "culprit_span", "reason": "culprit_reason"})
+    window = window_start.isoformat()
+    planned: list[dict[str, Any]] = []
     for index, rule in enumerate(config.actions):
         name = config.action_name(index)
-        matched = matching_traces(rule.when, scores, verdicts).sort_values("trace_id")
-        for trace_id, verdict, evaluator, score in matched[["trace_id", "verdict", "evaluator", "score"]].itertuples(
-            index=False
-        ):
-            culprit = culprits.loc[trace_id] if trace_id in culprits.index else None
+        matched = matching_traces(rule.when, scores, verdicts).merge(culprits, on="trace_id", how="left")
+        matched = matched.sort_values("trace_id").astype(object).where(matched.notna(), None)
+        for row in matched.to_dict("records"):
             planned.append({
-                "action_id": action_id(config.name, window_start, trace_id, name),
+                "action_id": action_id(config.name, window_start, row["trace_id"], name),
                 "loop": config.name,
                 "action": name,
                 "do": rule.do,
-                "window_start": window_start.isoformat(),
-                "trace_id": trace_id,
-                "run_id": trace_id,  # a root run's id is its trace id
-                "evaluator": evaluator,
-                "score": None if score != score else float(score),
-                "verdict": verdict,
-                "culprit_run_id": None if culprit is None else culprit["run_id"],
-                "culprit_span": None if culprit is None else culprit["span_name"],
-                "culprit_reason": None if culprit is None else culprit["reason"],
+                "window_start": window,
+                "trace_id": row["trace_id"],
+                "run_id": row["trace_id"],  # a root run's id is its trace id
+                "evaluator": row["evaluator"],
+                "score": None if row["score"] is None else float(row["score"]),
+                "verdict": row["verdict"],
+                "culprit_run_id": row["culprit_run_id"],
+                "culprit_span": row["culprit_span"],
+                "culprit_reason": row["culprit_reason"],
             })
     return planned
 
@@ -161,28 +169,41 @@ def root_runs(window_spans_path: str, trace_ids: set[str]) -> dict[str, Any]:
         return {}
     table = pq.read_table(window_spans_path, filters=[("is_root", "=", True)])
     table = table.filter(np.isin(table.column("trace_id").to_numpy(zero_copy_only=False), list(trace_ids)))
-    rows = RunRows(table)
-    return {rows.columns["trace_id"][i]: rows.run(i) for i in range(table.num_rows)}
+    with RecordFile(records_path(table.schema)) as records:
+        rows = RunRows(table, records)
+        return {str(rows.run(i).trace_id): rows.run(i) for i in range(table.num_rows)}
 
 
 def dispatch_actions(
     config: LoopConfig, planned: list[dict[str, Any]], ledger: Ledger, action_log: ActionLog,
     window_spans_path: str,
 ) -> DispatchCounts:
-    """Carry out planned actions not yet sent; returns the counts."""
+    """Carry out planned actions not yet sent; returns the counts.
+
+    The ledger gets every `planned` entry in one durable write before any effect, and
+    the outcomes after: a crash in between leaves `planned` entries, which the next run
+    carries out again (the action log ignores ids it holds; `call` functions receive
+    the action id to do the same).
+    """
     counts = DispatchCounts(planned=len(planned))
     todo = [p for p in planned if ledger.states.get(p["action_id"]) != "sent"]
     counts.skipped_duplicate = len(planned) - len(todo)
+    ledger.record_many([{"action_id": p["action_id"], "action": p["action"], "trace_id": p["trace_id"]}
+                        for p in todo], "planned")
+
+    logged = [p for p in todo if p["do"] == "log"]
+    if logged:
+        new = action_log.write_many(logged)
+        ledger.record_many([{"action_id": p["action_id"], "response": "written" if is_new else "already logged"}
+                            for p, is_new in zip(logged, new, strict=True)], "sent")
+        counts.sent += len(logged)
+
+    calls = [p for p in todo if p["do"] == "call"]
     rules = {config.action_name(i): rule for i, rule in enumerate(config.actions)}
-    needs_run = {p["trace_id"] for p in todo if p["do"] == "call"}
-    runs = root_runs(window_spans_path, needs_run)
-    for record in todo:
-        ledger.record(record["action_id"], "planned", action=record["action"], trace_id=record["trace_id"])
+    runs = root_runs(window_spans_path, {p["trace_id"] for p in calls})
+    for record in calls:
         try:
-            if record["do"] == "log":
-                response: Any = "written" if action_log.write(record) else "already in the action log"
-            else:
-                response = _call_action(rules[record["action"]].ref, record, runs.get(record["trace_id"]))
+            response = _call_action(rules[record["action"]].ref, record, runs.get(record["trace_id"]))
         except Exception as exc:
             ledger.record(record["action_id"], "failed", error=f"{type(exc).__name__}: {exc}"[:500])
             counts.failed += 1

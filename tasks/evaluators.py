@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from langsmith.evaluation.evaluator import EvaluationResult, RunEvaluator
 from langsmith.schemas import Run
@@ -77,7 +77,7 @@ class BoundEvaluator:
 
     config: EvaluatorConfig
     target: Any
-    mode: str  # "keywords" | "legacy" | "run_evaluator"
+    mode: str  # "keywords" | "legacy" | "run_evaluator" | "columnar"
     wants: tuple[str, ...]
     is_async: bool
     source_hash: str
@@ -88,7 +88,7 @@ class BoundEvaluator:
 
     @property
     def needs_run(self) -> bool:
-        return self.mode != "keywords" or "run" in self.wants
+        return self.mode not in ("keywords", "columnar") or "run" in self.wants
 
     def call(self, run_fields: dict[str, Any], run: Run | None) -> Any:
         if self.mode == "run_evaluator":
@@ -133,6 +133,8 @@ def _signature_mode(fn: Callable[..., Any], label: str) -> tuple[str, tuple[str,
     except (TypeError, ValueError):
         raise EvaluatorError(f"{label} is not a function LangSmith can call") from None
     params = [p for p in signature.parameters.values() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    if [p.name for p in params if p.default is p.empty] == ["spans"]:
+        return "columnar", ("spans",)
     required = [p for p in params if p.default is p.empty]
     names = tuple(p.name for p in params if p.name in SUPPORTED_ARGS)
     if [p.name for p in params] == ["run", "example"]:
@@ -184,8 +186,7 @@ def bind_evaluator(config: EvaluatorConfig) -> BoundEvaluator:
 
 # --- results -------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Result:
+class Result(NamedTuple):
     feedback_key: str
     score: float | None
     value: str | None
@@ -193,46 +194,57 @@ class Result:
     error: str | None
 
 
+_RESULT_FIELDS = ("score", "value", "comment")
+
+
+def _from_dict(item: dict[str, Any], default_key: str) -> Result:
+    score, value, comment = item.get("score"), item.get("value"), item.get("comment")
+    if score is None and value is None and comment is None and not any(k in item for k in _RESULT_FIELDS):
+        raise ValueError(f"expected a dict with 'score', 'value' or 'comment'; got {item!r:.120}")
+    kind = type(score)
+    if kind is not float and score is not None:
+        if kind is bool or kind is int or isinstance(score, int | float):
+            score = float(score)
+        else:
+            raise ValueError(f"score must be a number or bool, got {score!r:.60}")
+    if value is not None:
+        if score is None and isinstance(value, bool):
+            score, value = float(value), None
+        else:
+            value = str(value)
+    return Result(
+        str(item.get("key") or default_key), score, value, None if comment is None else str(comment), None
+    )
+
+
 def _one_result(item: Any, default_key: str) -> Result:
     if isinstance(item, EvaluationResult):
         item = {"key": item.key, "score": item.score, "value": item.value, "comment": item.comment}
     if not isinstance(item, dict):
         raise ValueError(f"expected a dict or EvaluationResult, got {type(item).__name__}: {item!r:.80}")
-    if all(k not in item for k in ("score", "value", "comment")):
-        raise ValueError(f"expected a dict with 'score', 'value' or 'comment'; got {item!r:.120}")
-    score, value = item.get("score"), item.get("value")
-    if isinstance(score, bool):
-        score = float(score)
-    elif score is not None and not isinstance(score, int | float):
-        raise ValueError(f"score must be a number or bool, got {score!r:.60}")
-    if isinstance(value, bool) and score is None:
-        score, value = float(value), None
-    comment = item.get("comment")
-    return Result(
-        str(item.get("key") or default_key),
-        None if score is None else float(score),
-        None if value is None else str(value),
-        None if comment is None else str(comment),
-        None,
-    )
+    return _from_dict(item, default_key)
 
 
 def normalise_result(result: Any, default_key: str) -> list[Result]:
     """Whatever an evaluator returned, as LangSmith would read it: a list of Results."""
-    if isinstance(result, bool):
+    kind = type(result)
+    if kind is dict:
+        if "results" in result:
+            return [_one_result(item, default_key) for item in result["results"]]
+        if result:
+            return [_from_dict(result, default_key)]
+    elif kind is bool or kind is int or kind is float:
         return [Result(default_key, float(result), None, None, None)]
-    if isinstance(result, int | float):
-        return [Result(default_key, float(result), None, None, None)]
-    if isinstance(result, str):
+    elif kind is str:
         return [Result(default_key, None, result, None, None)]
-    if isinstance(result, EvaluationResult):
+    elif isinstance(result, EvaluationResult):
         return [_one_result(result, default_key)]
-    if isinstance(result, dict) and "results" in result:
-        return [_one_result(item, default_key) for item in result["results"]]
-    if isinstance(result, list) and result:
+    elif isinstance(result, list) and result:
         return [_one_result(item, default_key) for item in result]
-    if isinstance(result, dict) and result:
-        return [_one_result(result, default_key)]
+    elif isinstance(result, int | float):  # numpy scalars and other number types
+        return [Result(default_key, float(result), None, None, None)]
+    elif isinstance(result, dict) and result:
+        return normalise_result(dict(result), default_key)
     raise ValueError(f"evaluator returned {result!r:.80}; expected bool, number, str, dict, list or EvaluationResult")
 
 
@@ -300,11 +312,51 @@ def evaluate_items(
     evaluator: BoundEvaluator, items: list[tuple[dict[str, Any], Run | None]]
 ) -> list[list[Result]]:
     """Results for each (fields, run) item, in order; errors and timeouts become error results."""
+    if evaluator.mode == "columnar":
+        raise TypeError("a columnar evaluator scores a whole table: use evaluate_columnar")
     if evaluator.is_async:
         return asyncio.run(_evaluate_async(evaluator, items))
     if evaluator.config.max_concurrency == 1:
         return [_timed_sync(evaluator, fields, run) for fields, run in items]
     return _evaluate_threads(evaluator, items)
+
+
+def evaluate_columnar(evaluator: BoundEvaluator, spans: Any) -> list[list[Result]]:
+    """Results of a columnar evaluator (one call for all target spans, a Table of SPANS), one list per row.
+
+    It may return a sequence with one result per row (any kind a per-run evaluator may
+    return), or a dict of columns: `score` (required), `comment`, `value`.
+    """
+    key, n = evaluator.key, spans.num_rows
+    began = time.perf_counter()
+    try:
+        returned = evaluator.target(spans=spans)
+        if isinstance(returned, dict):
+            rows = _column_results(returned, key, n)
+        else:
+            rows = [normalise_result(item, key) for item in returned]
+        if len(rows) != n:
+            raise ValueError(f"returned {len(rows)} results for {n} spans")
+    except Exception as exc:
+        return [error_result(key, _describe(exc))] * n
+    took = time.perf_counter() - began
+    if took > evaluator.config.timeout:
+        return [error_result(key, f"timed out: took {took:.1f}s, timeout is {evaluator.config.timeout}s")] * n
+    return rows
+
+
+def _column_results(columns: dict[str, Any], key: str, n: int) -> list[list[Result]]:
+    def as_list(name: str) -> list[Any]:
+        value = columns.get(name)
+        if value is None:
+            return [None] * n
+        return value.tolist() if hasattr(value, "tolist") else list(value)
+
+    scores, comments, values = as_list("score"), as_list("comment"), as_list("value")
+    return [
+        [Result(key, None if s is None else float(s), None if v is None else str(v), c, None)]
+        for s, c, v in zip(scores, comments, values, strict=True)
+    ]
 
 
 def _evaluate_threads(

@@ -24,7 +24,7 @@ from prefect.tasks import exponential_backoff
 
 from tasks.cache import stable_hash, stage_cache_key
 from tasks.config import FileSource, SampleSource
-from tasks.records import Skipped, load_spans
+from tasks.records import RECORDS_KEY, Skipped, load_spans
 from tasks.sample import generate_traces, write_sample
 
 ORPHAN = "span whose trace root is not in the source"
@@ -87,8 +87,9 @@ def window_spans_table(spans: pa.Table, size: timedelta, skipped: Skipped) -> tu
 
 def load_source(source_file: str, size: timedelta, out_path: str) -> SourceSpans:
     """Load and window every span of a source file into `out_path`."""
-    spans, skipped = load_spans(source_file)
+    spans, skipped, records = load_spans(source_file, Path(out_path).parent)
     windowed, orphans = window_spans_table(spans, size, skipped)
+    windowed = windowed.replace_schema_metadata({RECORDS_KEY: str(Path(records).resolve()).encode()})
     _write_atomic(windowed, out_path)
     starts = pc.unique(windowed.column("window_start")).to_pylist()
     return SourceSpans(out_path, sorted(starts), skipped.as_dict(), orphans)
@@ -121,7 +122,8 @@ def batch_bounds(table: pa.Table, batch_traces: int) -> list[int]:
 def window_file(source_spans: str, window_start: datetime, batch_size: int, out_path: str) -> WindowSpans:
     """One window's spans, one row group per batch of whole traces (see `batch_traces_for`)."""
     table = pq.read_table(source_spans, filters=[("window_start", "=", window_start)])
-    table = table.drop_columns(["window_start"])
+    records = pq.read_schema(source_spans).metadata[RECORDS_KEY]
+    table = table.drop_columns(["window_start"]).replace_schema_metadata({RECORDS_KEY: records})
     traces = pc.count_distinct(table.column("trace_id")).as_py() if table.num_rows else 0
     bounds = batch_bounds(table, batch_traces_for(traces, batch_size))
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)

@@ -6,28 +6,55 @@ v1 records carry `parent_run_id`, `session_id`, lowercase `run_type`/`status` an
 schema. When parent or trace ids are missing they are read off `dotted_order`
 (`<ts><root id>.<ts><child id>...`). A malformed record is skipped with a reason,
 never fatal.
+
+Spans do not copy their inputs and outputs: each keeps the byte offset and length
+of its line in the JSONL file (`RecordFile`), and an evaluator's record is parsed
+only when that span is scored. A Parquet source is first written out as JSONL.
+
+A well-formed JSONL file is read by Arrow's multi-threaded JSON reader with only
+the scalar fields, and checked column by column; a file with any line Arrow cannot
+read (not JSON, or a field of an unexpected type) goes through the record-by-record
+path, which says which line was wrong and why.
 """
 
 from __future__ import annotations
 
+import mmap
+import os
+import tempfile
 from collections import Counter
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.json as pj
 import pyarrow.parquet as pq
 
 from tasks.schemas import SPANS
 
-RUN_TYPES = {"tool", "chain", "llm", "retriever", "embedding", "prompt", "parser"}
-STATUSES = {"success", "error", "pending"}
+RUN_TYPES = ["tool", "chain", "llm", "retriever", "embedding", "prompt", "parser"]
+STATUSES = ["success", "error", "pending"]
 _UUID_LEN = 36
 _STAMP_LEN = 22  # 20261102T090001929828Z
+_SEGMENT = _STAMP_LEN + _UUID_LEN
+_TS = pa.timestamp("us", tz="UTC")
+RECORDS_KEY = b"tracetriage.records"  # Parquet metadata: the JSONL file the spans' record offsets point into
+
+# The scalar fields of a run record, in both wire forms; everything else stays in the file.
+_SCALARS = pa.schema(
+    [
+        ("id", pa.string()), ("name", pa.string()), ("run_type", pa.string()), ("trace_id", pa.string()),
+        ("parent_run_id", pa.string()), ("dotted_order", pa.string()), ("session_id", pa.string()),
+        ("project_id", pa.string()), ("start_time", pa.string()), ("end_time", pa.string()),
+        ("status", pa.string()), ("error", pa.string()), ("total_tokens", pa.int64()),
+        ("latency_seconds", pa.float64()), ("app_path", pa.string()),
+    ]
+)
 
 
 @dataclass
@@ -37,8 +64,8 @@ class Skipped:
     counts: Counter[str] = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
 
-    def add(self, reason: str, where: str) -> None:
-        self.counts[reason] += 1
+    def add(self, reason: str, where: str, count: int = 1) -> None:
+        self.counts[reason] += count
         examples = self.examples.setdefault(reason, [])
         if len(examples) < 3:
             examples.append(where)
@@ -52,172 +79,239 @@ class Skipped:
                 for reason, n in self.counts.most_common()}
 
 
-class _Columns:
-    """Column lists filled record by record (the hot loop of loading)."""
+class RecordFile:
+    """Random access to the run records of a JSONL file by (offset, length)."""
 
-    names = [f.name for f in SPANS if f.name not in ("start_time", "end_time", "latency_s", "is_root")]
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        self._handle = open(self.path, "rb")  # noqa: SIM115 - closed by close() / __del__
+        size = os.fstat(self._handle.fileno()).st_size
+        self._map = mmap.mmap(self._handle.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
 
-    def __init__(self) -> None:
-        self.data: dict[str, list[Any]] = {name: [] for name in self.names}
-        self.start_text: list[str] = []
-        self.end_text: list[str | None] = []
-        self.latency: list[float | None] = []
-        self.where: list[str] = []
+    def record(self, offset: int, length: int) -> dict[str, Any]:
+        return orjson.loads(self._map[offset:offset + length])
 
-    def table(self, skipped: Skipped) -> pa.Table:
-        columns = {name: pa.array(values, SPANS.field(name).type) for name, values in self.data.items()}
-        try:
-            start, end = _timestamps(self.start_text), _timestamps(self.end_text)
-            keep = None
-        except pa.ArrowInvalid:
-            keep = [a and b for a, b in zip(_valid_stamps(self.start_text), _valid_stamps(self.end_text), strict=False)]
-            for where, ok in zip(self.where, keep, strict=False):
-                if not ok:
-                    skipped.add("invalid start_time or end_time", where)
-            mask = pa.array(keep)
-            columns = {name: column.filter(mask) for name, column in columns.items()}
-            start = _timestamps([t for t, ok in zip(self.start_text, keep, strict=False) if ok])
-            end = _timestamps([t for t, ok in zip(self.end_text, keep, strict=False) if ok])
-        explicit = pa.array(self.latency, pa.float64())
-        if keep is not None:
-            explicit = explicit.filter(pa.array(keep))
-        derived = pc.divide(pc.cast(pc.subtract(end, start), pa.int64()), 1e6)
-        columns["start_time"] = start
-        columns["end_time"] = end
-        columns["latency_s"] = pc.coalesce(derived, explicit)
-        columns["is_root"] = pc.is_null(columns["parent_run_id"])
-        return pa.table({f.name: columns[f.name] for f in SPANS}, schema=SPANS)
+    def close(self) -> None:
+        if isinstance(self._map, mmap.mmap):
+            self._map.close()
+        self._handle.close()
+
+    def __enter__(self) -> RecordFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
-def _timestamps(texts: list[str | None]) -> pa.Array:
-    return pc.cast(pa.array(texts, pa.string()), pa.timestamp("us", tz="UTC"))
-
-
-def _normal_stamp(value: Any) -> str | None:
-    """An ISO timestamp as text Arrow can cast to UTC; None if it is plainly not one.
-
-    The common forms ('...Z', '...+00:00', naive UTC) pass through untouched; the
-    column cast later checks them all at once.
-    """
-    if isinstance(value, str):
-        if value.endswith("Z") or value.endswith("+00:00"):
-            return value
-        if len(value) >= 19 and "+" not in value[19:] and "-" not in value[19:]:
-            return value + "Z"
-        try:
-            return datetime.fromisoformat(value).astimezone(UTC).isoformat()
-        except ValueError:
-            return None
-    if isinstance(value, datetime):
-        moment = value if value.tzinfo else value.replace(tzinfo=UTC)
-        return moment.astimezone(UTC).isoformat()
-    return None
-
-
-def _valid_stamps(texts: list[str | None]) -> list[bool]:
-    valid = []
-    for text in texts:
-        try:
-            valid.append(text is None or bool(_timestamps([text])))
-        except (pa.ArrowInvalid, ValueError):
-            valid.append(False)
-    return valid
-
-
-def _json_text(value: Any) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return value  # Parquet exports keep nested objects as JSON text already
-    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
-
-
-def _ids_from_dotted(dotted: str) -> list[str]:
-    return [segment[_STAMP_LEN:] for segment in dotted.split(".")]
-
-
-def add_record(columns: _Columns, record: Any, where: str, skipped: Skipped, raw: str | None = None) -> None:
-    """Normalise one v1 or v2 run record (`raw` is its JSON text, if at hand) into the columns."""
-    if not isinstance(record, dict):
-        skipped.add("not a JSON object", where)
-        return
-    run_id, name, dotted = record.get("id"), record.get("name"), record.get("dotted_order")
-    if not run_id or not isinstance(run_id, str):
-        skipped.add("missing id", where)
-        return
-    if not name:
-        skipped.add("missing name", where)
-        return
-    if not dotted or not isinstance(dotted, str):
-        skipped.add("missing dotted_order", where)
-        return
-    lineage = _ids_from_dotted(dotted)
-    if lineage[-1] != run_id or any(len(i) != _UUID_LEN for i in lineage):
-        skipped.add("dotted_order does not end with the run id", where)
-        return
-    run_type = str(record.get("run_type") or "").lower()
-    if run_type not in RUN_TYPES:
-        skipped.add("unknown run_type", where)
-        return
-    start = _normal_stamp(record.get("start_time"))
-    if start is None:
-        skipped.add("missing or invalid start_time", where)
-        return
-    end_value = record.get("end_time")
-    end = _normal_stamp(end_value)
-    if end_value is not None and end is None:
-        skipped.add("invalid end_time", where)
-        return
-
-    parent = record.get("parent_run_id")
-    if parent is None:
-        parents = record.get("parent_run_ids")
-        parent = parents[-1] if parents else (lineage[-2] if len(lineage) > 1 else None)
-    error = record.get("error")
-    status = str(record.get("status") or ("error" if error else "success")).lower()
-    if status not in STATUSES:
-        skipped.add("unknown status", where)
-        return
+def run_metadata(record: dict[str, Any]) -> Any:
+    """A record's metadata: top-level in v2, under `extra` in v1."""
     metadata = record.get("metadata")
     if metadata is None:
         extra = record.get("extra")
         if isinstance(extra, str):
             extra = orjson.loads(extra)
         metadata = extra.get("metadata") if isinstance(extra, dict) else None
-
-    data = columns.data
-    data["id"].append(run_id)
-    data["trace_id"].append(record.get("trace_id") or lineage[0])
-    data["parent_run_id"].append(parent)
-    data["name"].append(str(name))
-    data["run_type"].append(run_type)
-    data["status"].append(status)
-    data["error"].append(error)
-    data["dotted_order"].append(dotted)
-    data["session_id"].append(record.get("session_id") or record.get("project_id"))
-    data["total_tokens"].append(record.get("total_tokens") or 0)
-    data["metadata"].append(_json_text(metadata))
-    data["record"].append(raw if raw is not None else _json_text(record))
-    data["app_path"].append(record.get("app_path"))
-    columns.start_text.append(start)
-    columns.end_text.append(end)
-    columns.latency.append(record.get("latency_seconds"))
-    columns.where.append(where)
+    return metadata
 
 
-def spans_from_records(
-    records: Iterable[tuple[str, Any, str | None]], skipped: Skipped | None = None
-) -> pa.Table:
-    """(where, record, raw JSON or None) triples as a SPANS table; a later duplicate run id wins."""
-    skipped = skipped if skipped is not None else Skipped()
-    columns = _Columns()
-    for where, record, raw in records:
+# --- the columnar path ---------------------------------------------------------------------------
+
+def _line_spans(path: Path, chunk: int = 1 << 26) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Byte offset, length and 1-based line number of every non-empty line."""
+    starts, ends = [np.array([0], dtype=np.int64)], []
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        position = 0
+        while position < size:
+            block = np.frombuffer(handle.read(chunk), dtype=np.uint8)
+            newlines = np.flatnonzero(block == 10).astype(np.int64) + position
+            ends.append(newlines)
+            starts.append(newlines + 1)
+            position += len(block)
+    begin = np.concatenate(starts)
+    length = np.concatenate(ends + [np.array([size], dtype=np.int64)]) - begin
+    keep = length > 0
+    return begin[keep], length[keep], np.flatnonzero(keep) + 1
+
+
+def _scalars_columnar(path: Path) -> pa.Table | None:
+    """The scalar fields of every line, by Arrow's JSON reader; None when it cannot read every line."""
+    try:
+        rows = pj.read_json(
+            path,
+            read_options=pj.ReadOptions(block_size=1 << 24),
+            parse_options=pj.ParseOptions(explicit_schema=_SCALARS, unexpected_field_behavior="ignore"),
+        )
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        return None
+    offsets, lengths, lines = _line_spans(path)
+    if len(offsets) != rows.num_rows:
+        return None  # whitespace-only lines: let the record-by-record path number lines exactly
+    return rows.append_column("record_offset", pa.array(offsets)).append_column(
+        "record_length", pa.array(lengths)).append_column("line", pa.array(lines))
+
+
+def _scalar_row(record: Any) -> dict[str, Any] | str:
+    """One record's scalar fields, typed as `_SCALARS`, or why the record is unusable."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    row: dict[str, Any] = {}
+    for field_ in _SCALARS:
+        value = record.get(field_.name)
+        if value is None:
+            row[field_.name] = None
+        elif field_.type == pa.string():
+            if isinstance(value, datetime):
+                value = (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
+            row[field_.name] = value if isinstance(value, str) else str(value) if field_.name in _TEXTUAL else None
+        elif isinstance(value, bool) or not isinstance(value, int | float):
+            return f"malformed field ({field_.name})"
+        else:
+            row[field_.name] = int(value) if field_.type == pa.int64() else float(value)
+    return row
+
+
+_TEXTUAL = {"name", "run_type", "status", "error"}
+
+
+def _scalars_by_record(path: Path, skipped: Skipped) -> pa.Table:
+    """The scalar fields line by line, skipping (with the line number) what is not a JSON object."""
+    rows, offsets, lengths, lines = [], [], [], []
+    with open(path, "rb") as handle:
+        offset = 0
+        for number, line in enumerate(handle, start=1):
+            begin, offset = offset, offset + len(line)
+            if not line.strip():
+                continue
+            try:
+                row = _scalar_row(orjson.loads(line))
+            except orjson.JSONDecodeError:
+                row = "not valid JSON"
+            if isinstance(row, str):
+                skipped.add(row, f"line {number}")
+                continue
+            rows.append(row)
+            offsets.append(begin)
+            lengths.append(len(line.rstrip(b"\r\n")))
+            lines.append(number)
+    table = pa.Table.from_pylist(rows, schema=_SCALARS)
+    return table.append_column("record_offset", pa.array(offsets, pa.int64())).append_column(
+        "record_length", pa.array(lengths, pa.int64())).append_column("line", pa.array(lines, pa.int64()))
+
+
+def _reasons(rows: pa.Table) -> pa.Array:
+    """The first reason each row is unusable, null where it is fine."""
+    run_id, dotted = rows.column("id"), rows.column("dotted_order")
+
+    def blank(column: Any) -> Any:
+        return pc.or_kleene(pc.is_null(column), pc.equal(column, ""))
+
+    segments_fit = (pc.fill_null(pc.utf8_length(dotted), 0).to_numpy() + 1) % (_SEGMENT + 1) == 0
+    dotted_bad = pc.or_(pc.fill_null(pc.not_equal(pc.utf8_slice_codeunits(dotted, -_UUID_LEN), run_id), True),
+                        pa.array(~segments_fit))
+    checks = [
+        ("missing id", blank(run_id)),
+        ("missing name", blank(rows.column("name"))),
+        ("missing dotted_order", blank(dotted)),
+        ("dotted_order does not end with the run id", dotted_bad),
+        ("unknown run_type", pc.invert(pc.is_in(rows.column("run_type"), pa.array(RUN_TYPES)))),
+        ("missing start_time", pc.is_null(rows.column("start_time"))),
+        ("unknown status", pc.invert(pc.is_in(rows.column("status"), pa.array(STATUSES)))),
+    ]
+    reason = pa.nulls(rows.num_rows, pa.string())
+    for label, failed in reversed(checks):
+        reason = pc.if_else(pc.fill_null(failed, True), label, reason)
+    return reason
+
+
+def _with_zone(stamps: Any) -> Any:
+    """ISO timestamps without a zone are UTC: give them a 'Z' so Arrow casts them."""
+    zoned = pc.match_substring_regex(stamps, r"(Z|[+-]\d\d:?\d\d)$")
+    return pc.if_else(pc.fill_null(zoned, True), stamps, pc.binary_join_element_wise(stamps, "Z", ""))
+
+
+def _drop(rows: pa.Table, bad: np.ndarray, reasons: list[str], skipped: Skipped) -> pa.Table:
+    for reason, line in zip(reasons, rows.column("line").filter(pa.array(bad)).to_pylist(), strict=True):
+        skipped.add(reason, f"line {line}")
+    return rows.filter(pa.array(~bad))
+
+
+def _timestamps(rows: pa.Table, skipped: Skipped) -> tuple[pa.Table, Any, Any]:
+    start, end = _with_zone(rows.column("start_time")), _with_zone(rows.column("end_time"))
+    try:
+        return rows, pc.cast(start, _TS), pc.cast(end, _TS)
+    except pa.ArrowInvalid:
+        bad = ~np.array([a and b for a, b in zip(_valid_stamps(start.to_pylist()), _valid_stamps(end.to_pylist()),
+                                                  strict=True)], dtype=bool)
+        rows = _drop(rows, bad, ["invalid start_time or end_time"] * int(bad.sum()), skipped)
+        return _timestamps(rows, skipped)
+
+
+def _valid_stamps(texts: list[str | None]) -> list[bool]:
+    valid = []
+    for text in texts:
         try:
-            add_record(columns, record, where, skipped, raw)
-        except (TypeError, ValueError, AttributeError, orjson.JSONDecodeError) as exc:
-            skipped.add(f"malformed field ({type(exc).__name__})", where)
-    table = columns.table(skipped)
+            valid.append(text is None or bool(pc.cast(pa.array([text]), _TS)))
+        except (pa.ArrowInvalid, ValueError):
+            valid.append(False)
+    return valid
+
+
+def _spans(rows: pa.Table, path: Path, skipped: Skipped) -> pa.Table:
+    """Scalar rows of either wire form, checked and normalised into SPANS."""
+    derived_status = pc.if_else(pc.fill_null(pc.not_equal(rows.column("error"), ""), False), "error", "success")
+    rows = rows.set_column(rows.schema.get_field_index("run_type"), "run_type", pc.utf8_lower(rows.column("run_type")))
+    rows = rows.set_column(rows.schema.get_field_index("status"), "status",
+                           pc.coalesce(pc.utf8_lower(rows.column("status")), derived_status))
+    reasons = _reasons(rows)
+    if reasons.null_count != len(reasons):
+        bad = pc.is_valid(reasons).to_numpy(zero_copy_only=False)
+        rows = _drop(rows, bad, reasons.drop_null().to_pylist(), skipped)
+    rows, start_time, end_time = _timestamps(rows, skipped)
+    dotted = rows.column("dotted_order")
+    lineage_parent = pc.if_else(
+        pc.greater(pc.utf8_length(dotted), _SEGMENT),
+        pc.utf8_slice_codeunits(dotted, -(_UUID_LEN + _SEGMENT + 1), -(_SEGMENT + 1)),
+        pa.scalar(None, pa.string()),
+    )
+    parent = pc.coalesce(rows.column("parent_run_id"), lineage_parent)
+    derived_latency = pc.divide(pc.cast(pc.subtract(end_time, start_time), pa.int64()), 1e6)
+    columns = {
+        "id": rows.column("id"),
+        "trace_id": pc.coalesce(rows.column("trace_id"), pc.utf8_slice_codeunits(dotted, _STAMP_LEN, _SEGMENT)),
+        "parent_run_id": parent,
+        "name": rows.column("name"),
+        "run_type": rows.column("run_type"),
+        "status": rows.column("status"),
+        "error": rows.column("error"),
+        "start_time": start_time,
+        "end_time": end_time,
+        "latency_s": pc.coalesce(derived_latency, rows.column("latency_seconds")),
+        "dotted_order": dotted,
+        "session_id": pc.coalesce(rows.column("session_id"), rows.column("project_id")),
+        "is_root": pc.is_null(parent),
+        "total_tokens": pc.fill_null(rows.column("total_tokens"), 0),
+        "metadata": pa.nulls(rows.num_rows, pa.string()),
+        "app_path": rows.column("app_path"),
+        "record_offset": rows.column("record_offset"),
+        "record_length": rows.column("record_length"),
+    }
+    table = _with_root_metadata(pa.table({f.name: columns[f.name] for f in SPANS}).cast(SPANS), path)
     return _drop_duplicate_ids(table, skipped)
+
+
+def _with_root_metadata(table: pa.Table, path: Path) -> pa.Table:
+    """Fill `metadata` (JSON text) for root spans from their records; aggregation reads only roots'."""
+    roots = np.flatnonzero(table.column("is_root").to_numpy(zero_copy_only=False))
+    offsets = table.column("record_offset").to_numpy()
+    lengths = table.column("record_length").to_numpy()
+    metadata: list[str | None] = [None] * table.num_rows
+    with RecordFile(path) as records:
+        for i in roots:
+            value = run_metadata(records.record(int(offsets[i]), int(lengths[i])))
+            metadata[i] = None if value is None else orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+    index = table.schema.get_field_index("metadata")
+    return table.set_column(index, SPANS.field("metadata"), pa.array(metadata, pa.string()))
 
 
 def _drop_duplicate_ids(table: pa.Table, skipped: Skipped) -> pa.Table:
@@ -231,36 +325,56 @@ def _drop_duplicate_ids(table: pa.Table, skipped: Skipped) -> pa.Table:
     return table.filter(pa.array(keep))
 
 
-def _jsonl_records(path: Path, skipped: Skipped) -> Iterator[tuple[str, Any, str | None]]:
-    with open(path, "rb") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield f"line {number}", orjson.loads(line), line.decode().rstrip()
-            except orjson.JSONDecodeError:
-                skipped.add("not valid JSON", f"line {number}")
+def parquet_as_jsonl(path: Path, out_path: Path) -> Path:
+    """A Parquet export rewritten as JSONL (nested fields may be structs or JSON text), for offset access."""
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f"{out_path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as handle:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=20_000):
+            for record in batch.to_pylist():
+                for key in ("inputs", "outputs", "extra", "metadata", "events"):
+                    if isinstance(record.get(key), str):
+                        try:
+                            record[key] = orjson.loads(record[key])
+                        except orjson.JSONDecodeError:
+                            pass
+                handle.write(orjson.dumps(record, default=str, option=orjson.OPT_NON_STR_KEYS) + b"\n")
+    os.replace(tmp, out_path)
+    return out_path
 
 
-def _parquet_records(path: Path) -> Iterator[tuple[str, Any, str | None]]:
-    parquet = pq.ParquetFile(path)
-    row = 0
-    for batch in parquet.iter_batches(batch_size=50_000):
-        for record in batch.to_pylist():
-            row += 1
-            yield f"row {row}", record, None
-
-
-def load_spans(path: str | Path) -> tuple[pa.Table, Skipped]:
-    """All spans of a JSONL or Parquet file of LangSmith run records, and what was skipped."""
+def load_spans(path: str | Path, work_dir: str | Path | None = None) -> tuple[pa.Table, Skipped, Path]:
+    """All spans of a JSONL or Parquet file of LangSmith run records, what was skipped, and the JSONL file
+    that `record_offset`/`record_length` point into (the source itself, or a JSONL copy of a Parquet one;
+    the spans' schema metadata names it too, under RECORDS_KEY)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"run records file {path} does not exist")
-    skipped = Skipped()
     if path.suffix == ".parquet":
-        records: Iterable[tuple[str, Any, str | None]] = _parquet_records(path)
-    elif path.suffix in (".jsonl", ".json", ".ndjson"):
-        records = _jsonl_records(path, skipped)
-    else:
+        directory = Path(work_dir) if work_dir else path.parent
+        stat = path.stat()
+        path = parquet_as_jsonl(path, directory / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}.jsonl")
+    elif path.suffix not in (".jsonl", ".json", ".ndjson"):
         raise ValueError(f"run records file {path} must end in .jsonl or .parquet")
-    return spans_from_records(records, skipped), skipped
+    skipped = Skipped()
+    rows = _scalars_columnar(path)
+    if rows is None:
+        rows = _scalars_by_record(path, skipped)
+    spans = _spans(rows, path, skipped).replace_schema_metadata({RECORDS_KEY: str(path.resolve()).encode()})
+    return spans, skipped, path
+
+
+def spans_from_records(
+    records: list[dict[str, Any]], path: str | Path | None = None
+) -> tuple[pa.Table, Skipped, Path]:
+    """Spans of in-memory run records, written as JSONL first to `path` (default: a new temporary file)."""
+    if path is None:
+        handle, name = tempfile.mkstemp(prefix="tracetriage-", suffix=".jsonl")
+        os.close(handle)
+        path = name
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as handle:
+        for record in records:
+            handle.write(orjson.dumps(record, default=str) + b"\n")
+    return load_spans(path)

@@ -24,8 +24,9 @@ SPANS = pa.schema(
         ("session_id", pa.string()),
         ("is_root", pa.bool_()),
         ("total_tokens", pa.int64()),
-        ("metadata", pa.string()),  # JSON text of the run's metadata
-        ("record", pa.string()),  # the whole run record as JSON text: parsed only for scored spans
+        ("metadata", pa.string()),  # JSON text of a root run's metadata (null on child spans)
+        ("record_offset", pa.int64()),  # where the run record sits in its JSONL file: parsed only if scored
+        ("record_length", pa.int64()),
         ("app_path", pa.string()),
     ]
 )

@@ -182,7 +182,7 @@ def rerank_statuses(higher_is_better: bool) -> list[str]:
     """Statuses of a seconds-taken score on the rerank spans of one fast and one slow trace, threshold 2 s."""
     fast = generate_traces(1, seed=5, rates=dict.fromkeys(DEFAULT_RATES, 0.0)).records
     slow = generate_traces(1, seed=6, rates={**dict.fromkeys(DEFAULT_RATES, 0.0), "slow_reranker": 1.0}).records
-    spans = spans_from_records([(f"row {i}", r, None) for i, r in enumerate(fast + slow)])
+    spans = spans_from_records(fast + slow)[0]
     config = load_config(data=with_evaluators(GROUNDED, {
         "key": "rerank_seconds", "ref": register(rerank_seconds), "threshold": 2.0, "score_range": [0, 60],
         "higher_is_better": higher_is_better, "target": {"name": "rerank"},

@@ -30,7 +30,6 @@ from tasks.evaluators import (
     evaluate_items,
     normalise_result,
     register,
-    run_object,
 )
 from tasks.records import spans_from_records
 from tasks.sample import DEFAULT_RATES, SAMPLE_START, SampleTraces, generate_traces
@@ -39,7 +38,7 @@ TINY = 0.05  # seconds: the timeout of evaluators that are meant to time out
 
 
 def spans_of(sample: SampleTraces) -> pa.Table:
-    return spans_from_records([(f"row {i}", r, None) for i, r in enumerate(sample.records)])
+    return spans_from_records(sample.records)[0]
 
 
 def traces_failing_by(mode: str | None, traces: int = 3) -> pa.Table:
@@ -158,9 +157,9 @@ def test_an_openevals_evaluator_works_unchanged(healthy):
 
 def test_a_run_object_carries_the_span_as_langsmith_would(healthy):
     rows = RunRows(healthy)
-    root_fields, child_fields = rows.fields(0), rows.fields(1)
-    root, child = run_object(root_fields), run_object(child_fields)
-    assert root.id == uuid.UUID(root_fields["id"])
+    root_fields = rows.fields(0)
+    root, child = rows.run(0), rows.run(1)
+    assert root.id == uuid.UUID(healthy.column("id")[0].as_py())
     assert (root.name, root.run_type, root.parent_run_id) == ("rag_agent", "chain", None)
     assert child.parent_run_id == root.id == child.trace_id
     assert root.start_time < root.end_time
@@ -168,7 +167,7 @@ def test_a_run_object_carries_the_span_as_langsmith_would(healthy):
     assert root.inputs == root_fields["inputs"] and root.outputs == root_fields["outputs"]
     assert root.metadata == root_fields["metadata"] and "model" in root.metadata
     assert root.error is None and root.status == "success"
-    assert root.model_dump()["dotted_order"] == root_fields["dotted_order"]
+    assert root.model_dump()["dotted_order"] == healthy.column("dotted_order")[0].as_py()
 
 
 # --- concurrency ---------------------------------------------------------------------------------

@@ -25,10 +25,10 @@ def _write_jsonl(path, records, extra_lines=()):
 
 
 def test_v1_and_v2_records_normalise_to_the_same_spans(sample, tmp_path):
-    v1, _ = load_spans(_write_jsonl(tmp_path / "v1.jsonl", sample.records))
-    v2, skipped = load_spans(_write_jsonl(tmp_path / "v2.jsonl", [to_v2_record(r) for r in sample.records]))
+    v1, _, _ = load_spans(_write_jsonl(tmp_path / "v1.jsonl", sample.records))
+    v2, skipped, _ = load_spans(_write_jsonl(tmp_path / "v2.jsonl", [to_v2_record(r) for r in sample.records]))
     assert skipped.total == 0
-    columns = [c for c in v1.column_names if c != "record"]
+    columns = [c for c in v1.column_names if not c.startswith("record_")]
     assert v2.select(columns).equals(v1.select(columns))
     assert set(v1.column("run_type").to_pylist()) == {"chain", "llm", "retriever", "tool"}
     assert set(v2.column("status").to_pylist()) == {"success", "error"}
@@ -36,8 +36,8 @@ def test_v1_and_v2_records_normalise_to_the_same_spans(sample, tmp_path):
 
 def test_parent_and_trace_ids_are_read_off_dotted_order_when_missing(sample, tmp_path):
     stripped = [{k: v for k, v in r.items() if k not in ("parent_run_id", "trace_id")} for r in sample.records]
-    spans, skipped = load_spans(_write_jsonl(tmp_path / "bare.jsonl", stripped))
-    full, _ = load_spans(_write_jsonl(tmp_path / "full.jsonl", sample.records))
+    spans, skipped, _ = load_spans(_write_jsonl(tmp_path / "bare.jsonl", stripped))
+    full, _, _ = load_spans(_write_jsonl(tmp_path / "full.jsonl", sample.records))
     assert skipped.total == 0
     for column in ("parent_run_id", "trace_id", "is_root"):
         assert spans.column(column).equals(full.column(column))
@@ -46,15 +46,15 @@ def test_parent_and_trace_ids_are_read_off_dotted_order_when_missing(sample, tmp
 def test_parquet_with_the_same_columns_loads_like_jsonl(sample, tmp_path):
     write_sample(tmp_path / "runs.parquet", sample)
     write_sample(tmp_path / "runs.jsonl", sample)
-    from_parquet, _ = load_spans(tmp_path / "runs.parquet")
-    from_jsonl, _ = load_spans(tmp_path / "runs.jsonl")
-    columns = [c for c in from_jsonl.column_names if c != "record"]
+    from_parquet, _, _ = load_spans(tmp_path / "runs.parquet")
+    from_jsonl, _, _ = load_spans(tmp_path / "runs.jsonl")
+    columns = [c for c in from_jsonl.column_names if not c.startswith("record_")]
     assert from_parquet.select(columns).equals(from_jsonl.select(columns))
     assert pq.read_schema(tmp_path / "runs.parquet").names[:3] == ["id", "name", "run_type"]
 
 
 def test_latency_and_timestamps_come_out_in_utc_seconds(sample):
-    spans = spans_from_records([("r", r, None) for r in sample.records[:3]])
+    spans = spans_from_records(sample.records[:3])[0]
     row = spans.slice(0, 1).to_pylist()[0]
     assert row["start_time"].tzinfo is not None
     assert row["latency_s"] == pytest.approx((row["end_time"] - row["start_time"]).total_seconds())
@@ -69,13 +69,14 @@ def test_malformed_records_are_counted_and_skipped_with_a_reason(sample, tmp_pat
         {**root, "dotted_order": None},
         {**root, "dotted_order": root["dotted_order"][:-4] + "beef"},
         {**root, "run_type": "spaceship"},
+        {**root, "start_time": None},
         {**root, "start_time": "yesterday"},
         {**root, "end_time": "2026-13-45T99:00:00Z"},
         {**root, "status": "exploded"},
         ["not", "an", "object"],
     ]
     path = _write_jsonl(tmp_path / "mixed.jsonl", good + bad, extra_lines=[b"{not json", b'{"id": 1'])
-    spans, skipped = load_spans(path)
+    spans, skipped, _ = load_spans(path)
 
     assert spans.num_rows == 6
     assert skipped.total == len(bad) + 2
@@ -85,19 +86,19 @@ def test_malformed_records_are_counted_and_skipped_with_a_reason(sample, tmp_pat
         "missing dotted_order": 1,
         "dotted_order does not end with the run id": 1,
         "unknown run_type": 1,
-        "missing or invalid start_time": 1,
-        "invalid start_time or end_time": 1,
+        "missing start_time": 1,
+        "invalid start_time or end_time": 2,
         "unknown status": 1,
         "not a JSON object": 1,
         "not valid JSON": 2,
     }
-    assert skipped.as_dict()["not valid JSON"]["examples"] == ["line 16", "line 17"]
+    assert skipped.as_dict()["not valid JSON"]["examples"] == ["line 17", "line 18"]
 
 
 def test_a_run_recorded_twice_keeps_its_last_record(sample, tmp_path):
     first = dict(sample.records[1])
     updated = {**first, "status": "error", "error": "late failure"}
-    spans, skipped = load_spans(_write_jsonl(tmp_path / "dup.jsonl", sample.records[:6] + [updated]))
+    spans, skipped, _ = load_spans(_write_jsonl(tmp_path / "dup.jsonl", sample.records[:6] + [updated]))
     assert spans.num_rows == 6
     assert skipped.counts == {"duplicate run id (kept the last record)": 1}
     row = next(r for r in spans.to_pylist() if r["id"] == first["id"])
