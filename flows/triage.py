@@ -17,11 +17,11 @@ from tasks.aggregate import aggregate_task, patterns_table, root_causes_table
 from tasks.attribute import SPAN_COLUMNS, attribute_task, attribution_table
 from tasks.cache import stable_hash, work_epoch
 from tasks.config import LoopConfig
-from tasks.dispatch import dispatch_task, planned_actions
-from tasks.evaluate import bind_all, evaluate_task, evaluation_workers
+from tasks.dispatch import dispatch_task
+from tasks.evaluate import bind_all, evaluate_task, evaluation_workers, start_evaluation_workers
 from tasks.evaluators import import_ref
 from tasks.fetch import SourceSpans, fetch_window_task, load_source_task, source_fingerprint, source_path
-from tasks.partition import partition_task
+from tasks.partition import partition_task, scores_for_analysis, status_counts
 from tasks.progress import track_batches
 from tasks.schemas import SCHEMA_VERSION, WINDOWS
 from tasks.snapshot import snapshot_task
@@ -66,15 +66,14 @@ def triage_window(
     raw_scores = pa.concat_tables([pq.read_table(path) for path in score_files]) if score_files else None
     spans = pq.read_table(window.path, columns=SPAN_COLUMNS + ["latency_s", "metadata"]).to_pandas()
     judged, verdicts = partition_task(raw_scores, pa.array(spans.loc[spans["is_root"], "trace_id"]), config.evaluators)
-    scores = judged.to_pandas()
+    scores = scores_for_analysis(judged, [a.when.evaluator for a in config.actions if a.when.evaluator])
     attribution = attribute_task(spans, scores, verdicts, window_start)
     patterns, root_causes = aggregate_task(spans, scores, verdicts, attribution, config.evaluators, window_start)
 
-    planned = planned_actions(config, window_start, scores, verdicts, attribution)
-    counts = dispatch_task(config, planned, str(out_dir / "ledger.jsonl"), str(out_dir / "actions.jsonl"),
-                           window.path).as_dict()
-    summary = window_summary(window_start, window_end, window.traces, window.spans, orphans, scores, verdicts,
-                             config.evaluators, root_causes, patterns, counts, "")
+    counts = dispatch_task(config, window_start, scores, verdicts, attribution, str(out_dir / "ledger.jsonl"),
+                           str(out_dir / "actions.jsonl"), window.path).as_dict()
+    summary = window_summary(window_start, window_end, window.traces, window.spans, orphans, status_counts(judged),
+                             verdicts, config.evaluators, root_causes, patterns, counts, "")
     snapshot_root = config.snapshots.url or str(out_dir / "snapshots")
     summary["snapshot_uri"] = snapshot_task(snapshot_root, window_start, {
         "scores": judged,
@@ -114,6 +113,7 @@ def triage(
 ) -> dict[str, Any]:
     """Triage every window of the source between `start` and `end` (all windows when omitted)."""
     config = validate(config or LoopConfig())
+    start_evaluation_workers(evaluation_workers(config.eval_workers))  # they import while the source loads
     logger = get_run_logger()
     out_dir = Path(out)
     source_file = source_path(config.source, out_dir)

@@ -217,9 +217,12 @@ def _json_safe(value: Any) -> Any:
     return orjson.loads(orjson.dumps(value, default=str))
 
 
+# The planned actions are made inside the task: Prefect walks list and dict parameters
+# looking for futures, which takes seconds for tens of thousands of action dicts.
 @task(name="dispatch", cache_policy=NO_CACHE)
 def dispatch_task(
-    config: LoopConfig, planned: list[dict[str, Any]], ledger_path: str, action_log_path: str,
-    window_spans_path: str,
+    config: LoopConfig, window_start: datetime, scores: pd.DataFrame, verdicts: pd.DataFrame,
+    attribution: pd.DataFrame, ledger_path: str, action_log_path: str, window_spans_path: str,
 ) -> DispatchCounts:
+    planned = planned_actions(config, window_start, scores, verdicts, attribution)
     return dispatch_actions(config, planned, Ledger(ledger_path), ActionLog(action_log_path), window_spans_path)

@@ -100,7 +100,7 @@ def span_scores(spans: pa.Table, evaluators: list[BoundEvaluator], window_start:
 
     The records are read from the JSONL file named in the spans' schema metadata.
     """
-    with RecordFile(records_path(spans.schema)) as records:
+    with _collector_paused(), RecordFile(records_path(spans.schema)) as records:
         return _span_scores(spans, RunRows(spans, records), evaluators, window_start)
 
 
@@ -117,25 +117,24 @@ def _span_scores(
     row_index: list[int] = []
     evaluator_keys: list[str] = []
     flat: list[Result] = []
-    with _collector_paused():
-        for evaluator in evaluators:
-            indices = np.flatnonzero(target_mask(spans, evaluator.config)).tolist()
-            results: list[list[Result]]
-            if evaluator.mode == "columnar":
-                results = evaluate_columnar(evaluator, spans.take(pa.array(indices, pa.int64())))
+    for evaluator in evaluators:
+        indices = np.flatnonzero(target_mask(spans, evaluator.config)).tolist()
+        results: list[list[Result]]
+        if evaluator.mode == "columnar":
+            results = evaluate_columnar(evaluator, spans.take(pa.array(indices, pa.int64())))
+        else:
+            if evaluator.needs_run:
+                rows.prepare_runs(indices)
+            items = [(rows.fields(i), rows.run(i) if evaluator.needs_run else None) for i in indices]
+            results = evaluate_items(evaluator, items)
+        for i, row_results in zip(indices, results, strict=True):
+            if len(row_results) == 1:
+                row_index.append(i)
+                flat.append(row_results[0])
             else:
-                if evaluator.needs_run:
-                    rows.prepare_runs(indices)
-                items = [(rows.fields(i), rows.run(i) if evaluator.needs_run else None) for i in indices]
-                results = evaluate_items(evaluator, items)
-            for i, row_results in zip(indices, results, strict=True):
-                if len(row_results) == 1:
-                    row_index.append(i)
-                    flat.append(row_results[0])
-                else:
-                    row_index.extend([i] * len(row_results))
-                    flat.extend(row_results)
-            evaluator_keys.extend([evaluator.key] * (len(flat) - len(evaluator_keys)))
+                row_index.extend([i] * len(row_results))
+                flat.extend(row_results)
+        evaluator_keys.extend([evaluator.key] * (len(flat) - len(evaluator_keys)))
     names = Result._fields
     out = dict(zip(names, map(list, zip(*flat, strict=True)), strict=True)) if flat else {n: [] for n in names}
     out["evaluator"] = evaluator_keys
@@ -165,8 +164,8 @@ def _collector_paused() -> Iterator[None]:
     """No cyclic garbage collection while scoring a batch.
 
     A batch makes hundreds of thousands of small dicts that all live until it ends;
-    each generation-2 pass would walk all of them again. Reference counting still
-    frees everything; the cycle collector runs once when the batch is done.
+    each generation-2 pass would walk all of them again. Reference counting frees
+    them when the batch's rows go out of scope, before the collector is back on.
     """
     was_enabled = gc.isenabled()
     gc.disable()
@@ -238,6 +237,14 @@ def evaluation_pool(workers: int) -> ProcessPoolExecutor | None:
             context.set_forkserver_preload(["tasks.evaluate"])
             _POOL = ProcessPoolExecutor(max_workers=workers, mp_context=context)
         return _POOL
+
+
+def start_evaluation_workers(workers: int) -> None:
+    """Start the pool's worker processes now, without waiting for them."""
+    pool = evaluation_pool(workers)
+    if pool is not None:
+        for _ in range(workers):
+            pool.submit(os.getpid)
 
 
 def _in_this_process_only(configs: list[EvaluatorConfig]) -> bool:

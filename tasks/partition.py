@@ -7,9 +7,9 @@ it; it is an `error` trace when no root evaluator failed it but one errored.
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -21,44 +21,57 @@ NO_SCORE = "returned no score; give a numeric score, or set pass_values for cate
 
 def score_statuses(scores: pa.Table, configs: list[EvaluatorConfig]) -> pa.Table:
     """SCORES with `status` filled in; a result that cannot be judged becomes an error with the reason."""
-    frame = scores.to_pandas()
-    status = np.full(len(frame), "error", dtype=object)
-    error = frame["error"].to_numpy(dtype=object)
-    score = frame["score"].to_numpy(dtype=float)
-    has_score = ~np.isnan(score)
-    has_value = frame["value"].notna().to_numpy()
+    evaluator, score, value = scores.column("evaluator"), scores.column("score"), scores.column("value")
+    unerrored = pc.is_null(scores.column("error"))
+    status = pa.repeat(pa.scalar("error"), scores.num_rows)
+    error = scores.column("error")
     for config in configs:
-        rows = (frame["evaluator"] == config.key).to_numpy() & pd.isna(error)
-        numeric = rows & has_score
-        passed = score >= config.threshold if config.higher_is_better else score <= config.threshold
-        status[numeric] = np.where(passed[numeric], "pass", "fail")
-        unjudged = rows & ~has_score
+        rows = pc.and_(pc.equal(evaluator, config.key), unerrored)
+        compare = pc.greater_equal if config.higher_is_better else pc.less_equal
+        passed = pc.fill_null(compare(score, config.threshold), False)
+        numeric = pc.and_(rows, pc.is_valid(score))
+        status = pc.if_else(numeric, pc.if_else(passed, "pass", "fail"), status)
+        unjudged = pc.and_(rows, pc.is_null(score))
         if config.pass_values is not None:
-            categorical = unjudged & has_value
-            in_pass = frame["value"].isin(config.pass_values).to_numpy()
-            status[categorical] = np.where(in_pass[categorical], "pass", "fail")
-            unjudged &= ~categorical
-        error[unjudged] = NO_SCORE
-    frame["status"] = status
-    frame["error"] = error
-    return pa.Table.from_pandas(frame, schema=SCORES, preserve_index=False)
+            categorical = pc.and_(unjudged, pc.is_valid(value))
+            in_pass = pc.fill_null(pc.is_in(value, pa.array(config.pass_values, pa.string())), False)
+            status = pc.if_else(categorical, pc.if_else(in_pass, "pass", "fail"), status)
+            unjudged = pc.and_(unjudged, pc.invert(categorical))
+        error = pc.if_else(unjudged, NO_SCORE, error)
+    columns = {name: scores.column(name) for name in SCORES.names}
+    columns["status"], columns["error"] = status, error
+    return pa.table([columns[name] for name in SCORES.names], schema=SCORES)
 
 
 def trace_verdicts(scores: pa.Table, traces: pa.Array) -> pd.DataFrame:
     """One row per trace: `verdict` (pass | fail | error) from its root scores."""
-    frame = scores.select(["trace_id", "is_root", "status"]).to_pandas()
-    roots = frame[frame["is_root"]]
-    counts = pd.crosstab(roots["trace_id"], roots["status"])
-    for column in ("pass", "fail", "error"):
-        if column not in counts:
-            counts[column] = 0
-    verdicts = pd.DataFrame({"trace_id": pd.unique(np.asarray(traces.to_pylist(), dtype=object))})
-    verdicts = verdicts.merge(counts[["pass", "fail", "error"]], left_on="trace_id", right_index=True, how="left")
-    verdicts = verdicts.fillna(0)
-    verdicts["verdict"] = np.where(
-        verdicts["fail"] > 0, "fail", np.where(verdicts["error"] > 0, "error", "pass")
-    )
-    return verdicts[["trace_id", "verdict"]]
+    roots = scores.filter(scores.column("is_root"))
+    status = roots.column("status")
+    counted = pa.table({
+        "trace_id": roots.column("trace_id"),
+        "fail": pc.cast(pc.equal(status, "fail"), pa.int64()),
+        "error": pc.cast(pc.equal(status, "error"), pa.int64()),
+    }).group_by("trace_id").aggregate([("fail", "sum"), ("error", "sum")])
+    unique = pa.table({"trace_id": pc.unique(traces).cast(pa.string())})
+    verdicts = unique.join(counted, "trace_id", join_type="left outer")
+    fail, error = pc.fill_null(verdicts.column("fail_sum"), 0), pc.fill_null(verdicts.column("error_sum"), 0)
+    verdict = pc.if_else(pc.greater(fail, 0), "fail", pc.if_else(pc.greater(error, 0), "error", "pass"))
+    return pa.table({"trace_id": verdicts.column("trace_id"), "verdict": verdict}).to_pandas()
+
+
+def status_counts(scores: pa.Table) -> dict[tuple[str, str], int]:
+    """(evaluator, status) -> number of results."""
+    counts = scores.group_by(["evaluator", "status"]).aggregate([("status", "count")])
+    return {(e, s): n for e, s, n in zip(*(counts.column(c).to_pylist() for c in
+                                            ("evaluator", "status", "status_count")), strict=True)}
+
+
+def scores_for_analysis(scores: pa.Table, evaluators_in_rules: list[str]) -> pd.DataFrame:
+    """The scores later stages read: failed span scores (attribution, patterns) and the scores of
+    evaluators that action rules name; the rest stays in Arrow and the snapshot."""
+    failed_spans = pc.and_(pc.invert(scores.column("is_root")), pc.equal(scores.column("status"), "fail"))
+    named = pc.is_in(scores.column("evaluator"), pa.array(evaluators_in_rules, pa.string()))
+    return scores.filter(pc.or_(failed_spans, named)).to_pandas()
 
 
 @task(name="partition", cache_policy=NO_CACHE)

@@ -24,13 +24,12 @@ def _records(frame: pd.DataFrame, columns: list[str]) -> list[dict[str, Any]]:
 
 def window_summary(
     window_start: datetime, window_end: datetime, traces: int, spans: int, skipped: int,
-    scores: pd.DataFrame, verdicts: pd.DataFrame, configs: list[EvaluatorConfig],
+    status_counts: dict[tuple[str, str], int], verdicts: pd.DataFrame, configs: list[EvaluatorConfig],
     root_causes: pd.DataFrame, patterns: pd.DataFrame, actions: dict[str, int], snapshot_uri: str,
 ) -> dict[str, Any]:
-    by_status = scores.groupby(["evaluator", "status"]).size()
     evaluators = {
         c.key: {"threshold": c.threshold,
-                **{s: int(by_status.get((c.key, s), 0)) for s in ("pass", "fail", "error")}}
+                **{s: int(status_counts.get((c.key, s), 0)) for s in ("pass", "fail", "error")}}
         for c in configs
     }
     patterns = patterns.assign(example_trace_ids=patterns["example_trace_ids"].map(list))
