@@ -16,7 +16,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from tasks.aggregate import aggregate_task, patterns_table, root_causes_table
 from tasks.attribute import SPAN_COLUMNS, attribute_task, attribution_table
 from tasks.cache import stable_hash, work_epoch
-from tasks.config import LoopConfig
+from tasks.config import FileSource, LoopConfig
 from tasks.dispatch import dispatch_task
 from tasks.evaluate import bind_all, evaluate_task, evaluation_workers, start_evaluation_workers
 from tasks.evaluators import import_ref
@@ -32,7 +32,9 @@ WORKERS = int(os.environ.get("TRACETRIAGE_WORKERS", "4"))
 
 
 def validate(config: LoopConfig) -> LoopConfig:
-    """Everything that can be checked before a side effect: evaluators, action functions."""
+    """Everything that can be checked before a side effect: the source, evaluators, action functions."""
+    if isinstance(config.source, FileSource) and not Path(config.source.path).expanduser().exists():
+        raise FileNotFoundError(f"source file {config.source.path} does not exist; check source.path or --source")
     bind_all(config.evaluators)
     for action in config.actions:
         if action.ref:

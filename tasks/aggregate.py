@@ -73,21 +73,25 @@ def _latency_conditions(spans: pd.DataFrame) -> pd.DataFrame:
 
 
 def _metadata_conditions(spans: pd.DataFrame) -> pd.DataFrame:
-    roots = spans[spans["is_root"] & spans["metadata"].notna()]
-    pairs = [
-        (trace, key, value)
-        for trace, text in zip(roots["trace_id"], roots["metadata"], strict=True)
-        for key, value in orjson.loads(text).items()
-        if isinstance(value, str | int | float | bool)
-    ]
-    frame = pd.DataFrame(pairs, columns=["trace_id", "key", "value"])
+    roots = spans.loc[spans["is_root"] & spans["metadata"].notna(), ["trace_id", "metadata"]]
+    # Metadata texts repeat (a few models and prompt versions): parse each distinct one once.
+    pairs = pd.DataFrame(
+        [
+            (text, key, str(value))
+            for text in roots["metadata"].unique()
+            for key, value in orjson.loads(text).items()
+            if isinstance(value, str | int | float | bool)
+        ],
+        columns=["metadata", "key", "value"],
+    )
+    frame = roots.merge(pairs, on="metadata")
     if frame.empty:
         return pd.DataFrame(columns=["trace_id", "condition", "kind", "span_name"])
     distinct = frame.groupby("key")["value"].nunique()
     frame = frame[frame["key"].map(distinct) <= MAX_METADATA_VALUES]
     return pd.DataFrame({
         "trace_id": frame["trace_id"],
-        "condition": "metadata." + frame["key"] + " = " + frame["value"].astype(str),
+        "condition": "metadata." + frame["key"] + " = " + frame["value"],
         "kind": "metadata",
         "span_name": None,
     })
@@ -113,11 +117,8 @@ def failure_patterns(
     n_pass = int((verdicts["verdict"] == "pass").sum())
     keys = ["condition", "kind", "span_name"]
     conditions["span_name"] = conditions["span_name"].fillna("")
-    counts = pd.crosstab([conditions[k] for k in keys], conditions["verdict"])
-    for column in ("fail", "pass"):
-        if column not in counts:
-            counts[column] = 0
-    patterns = counts[["fail", "pass"]].reset_index()
+    counts = conditions.groupby(keys + ["verdict"], sort=False).size().unstack("verdict", fill_value=0)
+    patterns = counts.reindex(columns=["fail", "pass"], fill_value=0).reset_index()
     patterns = patterns[patterns["fail"] > 0]
     failing = conditions[conditions["verdict"] == "fail"]
     examples = _examples(failing, ["condition"])

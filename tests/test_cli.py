@@ -1,0 +1,88 @@
+"""The command line: `tracetriage sample` and `tracetriage run`, as a user types them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cli") / "runs.jsonl"
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "sample", "--traces", "300", "--hours", "1", "--seed", "4",
+         "--out", str(path)],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    )
+    assert "wrote" in done.stdout and path.exists() and path.with_name("runs.truth.jsonl").exists()
+    return path
+
+
+def test_run_json_prints_one_document_with_the_promised_fields(runs, tmp_path, capsys):
+    assert main(["run", "--source", str(runs), "--out", str(tmp_path), "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    (window,) = document["windows"]
+    assert set(window) == {"window_start", "window_end", "traces", "spans", "skipped_records", "evaluators",
+                           "failing_traces", "root_causes", "patterns", "actions", "snapshot_uri"}
+    assert window["traces"] == 300
+    assert set(window["evaluators"]["answer_grounded"]) == {"threshold", "pass", "fail", "error"}
+    assert set(window["root_causes"][0]) == {"span_name", "reason", "traces", "share", "example_trace_ids"}
+    assert set(window["patterns"][0]) == {"condition", "kind", "span_name", "failing_traces", "fail_share",
+                                          "pass_share", "lift", "example_trace_ids"}
+    assert window["actions"]["sent"] == window["failing_traces"]
+    assert window["snapshot_uri"].startswith("file://")
+
+
+def test_run_prints_a_readable_summary(runs, tmp_path, capsys):
+    assert main(["run", "--source", str(runs), "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "root causes:" in out and "failure modes:" in out and "actions:" in out
+
+
+def test_start_and_end_select_windows(runs, tmp_path, capsys):
+    assert main(["run", "--source", str(runs), "--out", str(tmp_path), "--json",
+                 "--start", "2030-01-01T00:00", "--end", "2030-01-02T00:00"]) == 0
+    assert json.loads(capsys.readouterr().out)["windows"] == []
+
+
+def test_a_bad_config_is_refused_before_anything_is_written(tmp_path, capsys):
+    config = tmp_path / "loop.yaml"
+    config.write_text(yaml.safe_dump({"evaluators": [{"key": "q", "ref": "no_such_module:fn", "threshold": 0.5}]}))
+    out = tmp_path / "out"
+    assert main(["run", "--config", str(config), "--out", str(out)]) == 2
+    assert "module 'no_such_module' cannot be imported" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_missing_source_file_is_one_clear_error(tmp_path, capsys):
+    assert main(["run", "--source", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_the_readme_opens_with_the_two_commands_and_ci_runs_the_test_one():
+    readme = (ROOT / "README.md").read_text()
+    commands = [line for line in readme.splitlines() if line.startswith("python3 -m venv .venv")]
+    assert len(commands) >= 2
+    run_command, test_command = commands[:2]
+    assert run_command.endswith(".venv/bin/tracetriage run")
+    assert test_command in (ROOT / ".ci" / "run").read_text()
+
+
+def test_prefect_yaml_deploys_the_triage_flow_with_a_pull_step():
+    project = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    assert project["pull"], "a pull step, or prefect deploy records this machine's directory"
+    (deployment,) = project["deployments"]
+    module, _, name = deployment["entrypoint"].partition(":")
+    import importlib
+
+    flow = getattr(importlib.import_module(module.replace("/", ".").removesuffix(".py")), name)
+    assert flow.name == "triage"
