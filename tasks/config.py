@@ -307,6 +307,11 @@ def load_config(path: str | Path | None = None, data: dict[str, Any] | None = No
     if not isinstance(data, dict):
         raise ConfigError(f"{origin} must be a YAML mapping, got {type(data).__name__}")
     try:
-        return LoopConfig.model_validate(data)
+        config = LoopConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc, origin)) from None
+    if path is not None and isinstance(config.source, FileSource) and not Path(config.source.path).is_absolute():
+        # A relative source path in a config file means: next to the config file.
+        resolved = (Path(path).parent / Path(config.source.path).expanduser()).resolve()
+        config = config.model_copy(update={"source": FileSource(path=str(resolved))})
+    return config

@@ -52,8 +52,9 @@ RELEVANT = {"key": "retrieval_relevance", "ref": "builtin:retrieval_relevance", 
 # --- valid configs -------------------------------------------------------------------------------
 
 def test_the_example_config_from_the_issue_parses(tmp_path):
+    (tmp_path / "runs.jsonl").touch()
     config = load_config(config_file(tmp_path, ISSUE_EXAMPLE))
-    assert config.source == FileSource(path="runs.jsonl")
+    assert config.source == FileSource(path=str((tmp_path / "runs.jsonl").resolve()))  # next to the config
     assert config.window.size_delta == timedelta(hours=1)
     quality, relevance = config.evaluators
     assert (quality.key, quality.ref, quality.threshold, quality.is_root) == (
