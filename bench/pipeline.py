@@ -105,8 +105,9 @@ def stages(source: Path, work: Path, traces: int) -> None:
     from tasks.attribute import SPAN_COLUMNS, span_attribution
     from tasks.config import LoopConfig
     from tasks.evaluate import evaluate_batch, evaluation_pool, evaluation_workers
-    from tasks.fetch import load_source, window_file
-    from tasks.partition import score_statuses, trace_verdicts
+    from tasks.fetch import fetch_windows
+    from tasks.partition import score_statuses, scores_for_analysis, trace_verdicts
+    from tasks.scoring import metadata_path
 
     config = LoopConfig()
     workers = evaluation_workers(config.eval_workers)
@@ -116,12 +117,9 @@ def stages(source: Path, work: Path, traces: int) -> None:
     print(f"stages as plain functions ({workers} evaluation processes):")
     began = time.perf_counter()
     start = time.perf_counter()
-    loaded = load_source(str(source), timedelta(hours=1), str(work / "source.parquet"))
-    _line("load + window assignment", time.perf_counter() - start, traces)
-    window_start = loaded.windows[0]
-    start = time.perf_counter()
-    window = window_file(loaded.path, window_start, config.batch_size, str(work / "window.parquet"))
-    _line("fetch window", time.perf_counter() - start, traces)
+    (window,) = fetch_windows(str(source), timedelta(hours=1), config.batch_size, str(work)).windows
+    window_start = window.window_start
+    _line("fetch (read, window, batch)", time.perf_counter() - start, traces)
     start = time.perf_counter()
     with __import__("concurrent.futures").futures.ThreadPoolExecutor(max_workers=4) as threads:
         files = list(threads.map(
@@ -131,16 +129,17 @@ def stages(source: Path, work: Path, traces: int) -> None:
     _line(f"evaluate ({window.batches} batches)", time.perf_counter() - start, traces)
     start = time.perf_counter()
     raw = pa.concat_tables([pq.read_table(f) for f in files])
-    spans = pq.read_table(window.path, columns=SPAN_COLUMNS + ["latency_s", "metadata"]).to_pandas()
+    root_metadata = pa.concat_tables([pq.read_table(metadata_path(f)) for f in files]).to_pandas()
+    spans = pq.read_table(window.path, columns=SPAN_COLUMNS + ["latency_s"]).to_pandas()
     judged = score_statuses(raw, config.evaluators)
     verdicts = trace_verdicts(judged, pa.array(spans.loc[spans["is_root"], "trace_id"]))
-    scores = judged.to_pandas()
+    scores = scores_for_analysis(judged, [])
     _line("partition", time.perf_counter() - start, traces)
     start = time.perf_counter()
     attribution = span_attribution(spans, scores, verdicts, window_start)
     _line("attribute", time.perf_counter() - start, traces)
     start = time.perf_counter()
-    failure_patterns(spans, scores, verdicts, config.evaluators, window_start)
+    failure_patterns(spans, scores, verdicts, config.evaluators, window_start, root_metadata)
     root_cause_shares(attribution, verdicts, window_start)
     _line("aggregate", time.perf_counter() - start, traces)
     _line("all stages", time.perf_counter() - began, traces)
@@ -174,10 +173,10 @@ def user_evaluator(source: Path, work: Path, traces: int) -> None:
     import pyarrow.parquet as pq
 
     from tasks.config import EvaluatorConfig
-    from tasks.evaluate import bind_all, span_scores
+    from tasks.scoring import bind_all, span_scores
 
     config = EvaluatorConfig(key="mentions_question", ref="bench.pipeline:answer_mentions_question")
-    window = pq.ParquetFile(work / "window.parquet")
+    window = pq.ParquetFile(next(work.glob("window-*.parquet")))
     batch = window.read_row_group(0)
     roots = batch.filter(batch.column("is_root")).num_rows
     start = time.perf_counter()

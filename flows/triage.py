@@ -18,12 +18,13 @@ from tasks.attribute import SPAN_COLUMNS, attribute_task, attribution_table
 from tasks.cache import stable_hash, work_epoch
 from tasks.config import FileSource, LoopConfig
 from tasks.dispatch import dispatch_task
-from tasks.evaluate import bind_all, evaluate_task, evaluation_workers, start_evaluation_workers
+from tasks.evaluate import evaluate_task, evaluation_workers, start_evaluation_workers
 from tasks.evaluators import import_ref
-from tasks.fetch import SourceSpans, fetch_window_task, load_source_task, source_fingerprint, source_path
+from tasks.fetch import SourceSpans, WindowSpans, fetch_task, source_fingerprint, source_path
 from tasks.partition import partition_task, scores_for_analysis, status_counts
 from tasks.progress import track_batches
 from tasks.schemas import SCHEMA_VERSION, WINDOWS
+from tasks.scoring import bind_all, metadata_path
 from tasks.snapshot import snapshot_task
 from tasks.summary import publish_artifacts, summary_text, window_summary
 
@@ -43,39 +44,37 @@ def validate(config: LoopConfig) -> LoopConfig:
 
 
 @flow(name="triage-window", task_runner=ThreadPoolTaskRunner(max_workers=WORKERS), log_prints=True)
-def triage_window(
-    config: LoopConfig, source_spans: str, source_token: str, window_start: datetime, out: str,
-    orphans: int = 0,
-) -> dict[str, Any]:
-    """Triage one window: fetch, evaluate in batches, partition, attribute, aggregate, snapshot, dispatch."""
+def triage_window(config: LoopConfig, window: WindowSpans, source_token: str, out: str) -> dict[str, Any]:
+    """Triage one fetched window: evaluate in batches, partition, attribute, aggregate, snapshot, dispatch."""
     out_dir = Path(out)
+    window_start = window.window_start
     window_end = window_start + config.window.size_delta
     is_final = datetime.now(UTC) >= window_end + config.window.lag_delta
-    fetch_token = stable_hash(source_token, window_start, config.batch_size) if is_final else None
-    eval_token = stable_hash(fetch_token, [e.model_dump() for e in config.evaluators],
+    eval_token = stable_hash(source_token, window_start, [e.model_dump() for e in config.evaluators],
                              [e.source_hash for e in bind_all(config.evaluators)]) if is_final else None
-    window_dir = out_dir / "work" / "windows" / (fetch_token or f"open-{stable_hash(source_token, window_start)}")
+    scores_dir = Path(window.path).parent
 
-    window = fetch_window_task(source_spans, window_start, config.batch_size, str(window_dir / "spans.parquet"),
-                               fetch_token)
     batches = list(range(window.batches))
     futures = evaluate_task.map(
         unmapped(window.path), batches, unmapped(config.evaluators), unmapped(window_start),
-        [str(window_dir / f"scores-{eval_token or 'open'}-{b}.parquet") for b in batches], unmapped(eval_token),
-        unmapped(evaluation_workers(config.eval_workers)),
+        [str(scores_dir / f"scores-{window_start:%Y%m%dT%H%M%SZ}-{eval_token or 'open'}-{b}.parquet")
+         for b in batches],
+        unmapped(eval_token), unmapped(evaluation_workers(config.eval_workers)),
     )
     score_files = [f.result() for f in track_batches(futures, window_start)]
-    raw_scores = pa.concat_tables([pq.read_table(path) for path in score_files]) if score_files else None
-    spans = pq.read_table(window.path, columns=SPAN_COLUMNS + ["latency_s", "metadata"]).to_pandas()
+    raw_scores = pa.concat_tables([pq.read_table(path) for path in score_files])
+    root_metadata = pa.concat_tables([pq.read_table(metadata_path(path)) for path in score_files]).to_pandas()
+    spans = pq.read_table(window.path, columns=SPAN_COLUMNS + ["latency_s"]).to_pandas()
     judged, verdicts = partition_task(raw_scores, pa.array(spans.loc[spans["is_root"], "trace_id"]), config.evaluators)
     scores = scores_for_analysis(judged, [a.when.evaluator for a in config.actions if a.when.evaluator])
     attribution = attribute_task(spans, scores, verdicts, window_start)
-    patterns, root_causes = aggregate_task(spans, scores, verdicts, attribution, config.evaluators, window_start)
+    patterns, root_causes = aggregate_task(spans, scores, verdicts, attribution, config.evaluators, window_start,
+                                           root_metadata)
 
     counts = dispatch_task(config, window_start, scores, verdicts, attribution, str(out_dir / "ledger.jsonl"),
                            str(out_dir / "actions.jsonl"), window.path).as_dict()
-    summary = window_summary(window_start, window_end, window.traces, window.spans, orphans, status_counts(judged),
-                             verdicts, config.evaluators, root_causes, patterns, counts, "")
+    summary = window_summary(window_start, window_end, window.traces, window.spans, window.orphans,
+                             status_counts(judged), verdicts, config.evaluators, root_causes, patterns, counts, "")
     snapshot_root = config.snapshots.url or str(out_dir / "snapshots")
     summary["snapshot_uri"] = snapshot_task(snapshot_root, window_start, {
         "scores": judged,
@@ -102,10 +101,6 @@ def windows_row(summary: dict[str, Any], verdicts: pd.DataFrame, start: datetime
     }], schema=WINDOWS)
 
 
-def select_windows(windows: list[datetime], start: datetime | None, end: datetime | None) -> list[datetime]:
-    return [w for w in windows if (start is None or w >= start) and (end is None or w < end)]
-
-
 @flow(name="triage", log_prints=True)
 def triage(
     config: LoopConfig | None = None,
@@ -120,16 +115,14 @@ def triage(
     out_dir = Path(out)
     source_file = source_path(config.source, out_dir)
     epoch = work_epoch(out_dir / "work")
-    source_token = stable_hash(source_fingerprint(source_file), config.window.size, epoch)
-    loaded: SourceSpans = load_source_task(
-        str(source_file), config.window.size_delta,
-        str(out_dir / "work" / "sources" / f"{source_token}.parquet"), source_token,
+    source_token = stable_hash(source_fingerprint(source_file), config.window.size, config.batch_size, epoch)
+    fetched: SourceSpans = fetch_task(
+        str(source_file), config.window.size_delta, config.batch_size,
+        str(out_dir / "work" / "sources" / source_token), source_token,
     )
-    windows = select_windows(loaded.windows, start, end)
-    logger.info("%d windows of %s to triage (%d records skipped while loading)",
-                len(windows), source_file, sum(v["count"] for v in loaded.skipped.values()))
-    results = []
-    for window_start in windows:
-        orphans = loaded.orphans_by_window.get(window_start.isoformat(), 0)
-        results.append(triage_window(config, loaded.path, source_token, window_start, out, orphans))
-    return {"source": str(source_file), "skipped": loaded.skipped, "windows": results}
+    windows = [w for w in fetched.windows if (start is None or w.window_start >= start)
+               and (end is None or w.window_start < end)]
+    logger.info("%d windows of %s to triage (%d records skipped while reading)",
+                len(windows), source_file, sum(v["count"] for v in fetched.skipped.values()))
+    results = [triage_window(config, window, source_token, out) for window in windows]
+    return {"source": str(source_file), "skipped": fetched.skipped, "windows": results}

@@ -72,8 +72,8 @@ def _latency_conditions(spans: pd.DataFrame) -> pd.DataFrame:
     })
 
 
-def _metadata_conditions(spans: pd.DataFrame) -> pd.DataFrame:
-    roots = spans.loc[spans["is_root"] & spans["metadata"].notna(), ["trace_id", "metadata"]]
+def _metadata_conditions(root_metadata: pd.DataFrame) -> pd.DataFrame:
+    roots = root_metadata[root_metadata["metadata"].notna()]
     # Metadata texts repeat (a few models and prompt versions): parse each distinct one once.
     pairs = pd.DataFrame(
         [
@@ -103,12 +103,12 @@ def _examples(frame: pd.DataFrame, by: list[str]) -> pd.Series:
 
 def failure_patterns(
     spans: pd.DataFrame, scores: pd.DataFrame, verdicts: pd.DataFrame,
-    configs: list[EvaluatorConfig], window_start: datetime,
+    configs: list[EvaluatorConfig], window_start: datetime, root_metadata: pd.DataFrame,
 ) -> pd.DataFrame:
     """PATTERNS rows, largest fail_share first."""
     conditions = pd.concat(
         [_below_conditions(scores, configs), _error_conditions(spans), _latency_conditions(spans),
-         _metadata_conditions(spans)],
+         _metadata_conditions(root_metadata)],
         ignore_index=True,
     ).drop_duplicates(["trace_id", "condition"])
     verdict = verdicts.set_index("trace_id")["verdict"]
@@ -169,9 +169,9 @@ def root_causes_table(frame: pd.DataFrame) -> pa.Table:
 @task(name="aggregate", cache_policy=NO_CACHE)
 def aggregate_task(
     spans: pd.DataFrame, scores: pd.DataFrame, verdicts: pd.DataFrame, attribution: pd.DataFrame,
-    configs: list[EvaluatorConfig], window_start: datetime,
+    configs: list[EvaluatorConfig], window_start: datetime, root_metadata: pd.DataFrame,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     return (
-        failure_patterns(spans, scores, verdicts, configs, window_start),
+        failure_patterns(spans, scores, verdicts, configs, window_start, root_metadata),
         root_cause_shares(attribution, verdicts, window_start),
     )

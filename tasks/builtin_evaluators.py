@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import string
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -25,7 +26,7 @@ import pyarrow.compute as pc
 
 EvaluatorFn = Callable[..., dict[str, Any]]
 
-_WORD = re.compile(r"[a-z0-9]{3,}")
+_PUNCTUATION = str.maketrans(dict.fromkeys(string.punctuation, " "))
 _STOP = frozenset(
     "the and for you your with can this that from how fix are was not but have has had what when where "
     "which who will would could should into about please".split()
@@ -37,9 +38,10 @@ _DOC_KEYS = ("documents", "source_documents", "context", "docs")
 
 @functools.lru_cache(maxsize=32_768)
 def _words(text: str) -> frozenset[str]:
-    """Content words of a text. Cached: the same documents, question and answer recur across a
-    trace's spans (retriever outputs, answer LLM context, root outputs)."""
-    return frozenset(_WORD.findall(text.lower())) - _STOP
+    """Content words (3+ characters, no stop words) of a text. Cached: the same documents,
+    question and answer recur across a trace's spans (retriever outputs, answer LLM
+    context, root outputs)."""
+    return frozenset(word for word in text.lower().translate(_PUNCTUATION).split() if len(word) > 2) - _STOP
 
 
 def _text(value: Any) -> str:

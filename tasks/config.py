@@ -198,7 +198,7 @@ class LoopConfig(_Strict):
         description="Rules: which traces get which action.",
     )
     snapshots: SnapshotConfig = Field(default_factory=SnapshotConfig)
-    batch_size: int = Field(2000, ge=1, description="Traces per evaluation task (grown to keep at most 32 tasks).")
+    batch_size: int = Field(2000, ge=1, description="Traces per evaluation task (grown to keep at most 16 tasks).")
     eval_workers: int = Field(
         0, ge=0, le=256, description="Processes that evaluate batches: 0 is one per core, 1 evaluates in-process."
     )

@@ -26,9 +26,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.config import LoopConfig, When
-from tasks.evaluate import RunRows, records_path
 from tasks.evaluators import import_ref
 from tasks.records import RecordFile
+from tasks.scoring import RunRows, records_path
 
 ACTION_NAMESPACE = uuid.UUID("0b6a3f0e-4f7e-4c1f-9f55-2f0e8d1c7a11")
 

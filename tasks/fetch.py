@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -31,13 +32,23 @@ ORPHAN = "span whose trace root is not in the source"
 
 
 @dataclass
-class SourceSpans:
-    """All spans of a source with their window, and what was skipped on the way."""
+class WindowSpans:
+    """One window's spans in a Parquet file, one row group per evaluation batch of whole traces."""
 
+    window_start: datetime
     path: str
-    windows: list[datetime]
+    batches: int
+    traces: int
+    spans: int
+    orphans: int = 0  # spans of this window skipped because their trace root is not in the source
+
+
+@dataclass
+class SourceSpans:
+    """Every window of a source, and what was skipped reading it."""
+
+    windows: list[WindowSpans]
     skipped: dict[str, Any]
-    orphans_by_window: dict[str, int]
 
 
 def source_path(source: FileSource | SampleSource, out_dir: Path) -> Path:
@@ -58,98 +69,90 @@ def source_fingerprint(path: Path) -> str:
     return stable_hash(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 
 
-def floor_to_window(moments: pa.Array, size: timedelta) -> pa.Array:
-    step = int(size.total_seconds() * 1_000_000)
-    micros = pc.cast(moments, pa.int64())
-    floored = pc.multiply(pc.divide(micros, step), step)  # integer division: both operands are int64
-    return pc.cast(floored, pa.timestamp("us", tz="UTC"))
-
-
 def window_spans_table(spans: pa.Table, size: timedelta, skipped: Skipped) -> tuple[pa.Table, dict[str, int]]:
-    """Spans with `window_start` (from their trace root), sorted by window, trace and dotted_order."""
-    roots = spans.filter(spans.column("is_root"))
-    root_window = floor_to_window(roots.column("start_time"), size)
-    lookup = pa.table({"trace_id": roots.column("trace_id"), "window_start": root_window})
-    joined = spans.join(lookup, keys="trace_id", join_type="left outer")
-    orphan_mask = joined.column("window_start").is_null()
+    """Spans with `window_start` (their trace root's), each window's traces contiguous and in order.
+
+    Traces are numbered (dictionary codes) so that the lookup of each span's root and
+    the sort are integer work, not string joins and sorts.
+    """
+    encoded = pc.dictionary_encode(spans.column("trace_id")).combine_chunks()
+    codes = encoded.indices.to_numpy()
+    step = int(size.total_seconds() * 1_000_000)
+    starts = spans.column("start_time").cast(pa.int64()).to_numpy()
+    is_root = spans.column("is_root").to_numpy(zero_copy_only=False)
+    root_window = np.full(len(encoded.dictionary), np.iinfo(np.int64).min, dtype=np.int64)
+    root_window[codes[is_root]] = starts[is_root] // step * step
+    window = root_window[codes]
+    orphan = window == np.iinfo(np.int64).min
     orphans: dict[str, int] = {}
-    if pc.any(orphan_mask).as_py():
-        lost = joined.filter(orphan_mask)
-        for run_id in lost.column("id").to_pylist():
+    if orphan.any():
+        for run_id in spans.column("id").filter(pa.array(orphan)).to_pylist():
             skipped.add(ORPHAN, f"id {run_id}")
-        own_window = floor_to_window(lost.column("start_time"), size).to_pandas()
-        orphans = {moment.isoformat(): int(n) for moment, n in own_window.value_counts().items()}
-        joined = joined.filter(pc.invert(orphan_mask))
-    order = pc.sort_indices(joined, [("window_start", "ascending"), ("trace_id", "ascending"),
-                                     ("dotted_order", "ascending")])
-    return joined.take(order), orphans
+        own, counts = np.unique(starts[orphan] // step * step, return_counts=True)
+        orphans = {pd.Timestamp(int(w), unit="us", tz="UTC").isoformat(): int(n) for w, n in zip(own, counts,
+                                                                                                 strict=True)}
+    keep = np.flatnonzero(~orphan)
+    order = keep[np.lexsort((codes[keep], window[keep]))]
+    table = spans.take(pa.array(order))
+    return table.append_column("window_start", pa.array(window[order], pa.int64()).cast(
+        pa.timestamp("us", tz="UTC"))), orphans
 
 
-def load_source(source_file: str, size: timedelta, out_path: str) -> SourceSpans:
-    """Load and window every span of a source file into `out_path`."""
-    spans, skipped, records = load_spans(source_file, Path(out_path).parent)
-    windowed, orphans = window_spans_table(spans, size, skipped)
-    windowed = windowed.replace_schema_metadata({RECORDS_KEY: str(Path(records).resolve()).encode()})
-    _write_atomic(windowed, out_path)
-    starts = pc.unique(windowed.column("window_start")).to_pylist()
-    return SourceSpans(out_path, sorted(starts), skipped.as_dict(), orphans)
-
-
-def _write_atomic(table: pa.Table, path: str, row_group_size: int | None = None) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    pq.write_table(table, tmp, row_group_size=row_group_size)
-    os.replace(tmp, path)
-
-
-@dataclass
-class WindowSpans:
-    path: str
-    batches: int
-    traces: int
-    spans: int
-
-
-def batch_bounds(table: pa.Table, batch_traces: int) -> list[int]:
-    """Row offsets that split a trace-sorted table into batches of whole traces."""
-    traces = table.column("trace_id").to_numpy(zero_copy_only=False)
+def batch_bounds(traces: np.ndarray, batch_traces: int) -> list[int]:
+    """Row offsets that split trace-contiguous rows into batches of `batch_traces` whole traces."""
     if len(traces) == 0:
         return [0]
     starts = np.flatnonzero(np.r_[True, traces[1:] != traces[:-1]])
     return [int(x) for x in starts[::batch_traces]] + [len(traces)]
 
 
-def window_file(source_spans: str, window_start: datetime, batch_size: int, out_path: str) -> WindowSpans:
-    """One window's spans, one row group per batch of whole traces (see `batch_traces_for`)."""
-    table = pq.read_table(source_spans, filters=[("window_start", "=", window_start)])
-    records = pq.read_schema(source_spans).metadata[RECORDS_KEY]
-    table = table.drop_columns(["window_start"]).replace_schema_metadata({RECORDS_KEY: records})
-    traces = pc.count_distinct(table.column("trace_id")).as_py() if table.num_rows else 0
-    bounds = batch_bounds(table, batch_traces_for(traces, batch_size))
-    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{out_path}.{os.getpid()}.tmp"
-    with pq.ParquetWriter(tmp, table.schema) as writer:
-        for begin, end in zip(bounds[:-1], bounds[1:], strict=True):
-            writer.write_table(table.slice(begin, end - begin), row_group_size=end - begin)
-    os.replace(tmp, out_path)
-    return WindowSpans(out_path, max(len(bounds) - 1, 0), traces, table.num_rows)
-
-
-def batch_traces_for(traces: int, batch_size: int, max_batches: int = 32) -> int:
+def batch_traces_for(traces: int, batch_size: int, max_batches: int = 16) -> int:
     """Traces per batch: the configured size, grown so a window has at most `max_batches` tasks."""
     return max(batch_size, math.ceil(traces / max_batches)) if traces else batch_size
+
+
+def write_window(table: pa.Table, window_start: datetime, batch_size: int, path: Path) -> WindowSpans:
+    """A window's spans (trace-contiguous) as a Parquet file with one row group per batch."""
+    codes = pc.dictionary_encode(table.column("trace_id")).combine_chunks().indices.to_numpy()
+    traces = len(np.unique(codes)) if len(codes) else 0
+    bounds = batch_bounds(codes, batch_traces_for(traces, batch_size))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with pq.ParquetWriter(tmp, table.schema, compression="none") as writer:  # work files: speed over size
+        for begin, end in zip(bounds[:-1], bounds[1:], strict=True):
+            writer.write_table(table.slice(begin, end - begin), row_group_size=end - begin)
+    os.replace(tmp, path)
+    return WindowSpans(window_start, str(path), len(bounds) - 1, traces, table.num_rows)
+
+
+def fetch_windows(source_file: str, size: timedelta, batch_size: int, out_dir: str) -> SourceSpans:
+    """Every span of a source file, windowed by its trace root, one batched file per window in `out_dir`.
+
+    One pass over the file for all its windows, as one paginated query would be for a
+    LangSmith window.
+    """
+    spans, skipped, records = load_spans(source_file, out_dir)
+    windowed, orphans = window_spans_table(spans, size, skipped)
+    windowed = windowed.replace_schema_metadata({RECORDS_KEY: str(Path(records).resolve()).encode()})
+    starts = windowed.column("window_start").cast(pa.int64()).to_numpy()
+    edges = np.flatnonzero(np.r_[True, starts[1:] != starts[:-1]]).tolist() + [len(starts)]
+    windows = []
+    for begin, end in zip(edges[:-1], edges[1:], strict=True):
+        if begin == end:
+            continue
+        start = windowed.column("window_start")[begin].as_py()
+        table = windowed.slice(begin, end - begin).drop_columns(["window_start"])
+        window = write_window(table, start, batch_size, Path(out_dir) / f"window-{start:%Y%m%dT%H%M%SZ}.parquet")
+        window.orphans = orphans.get(start.isoformat(), 0)
+        windows.append(window)
+    return SourceSpans(windows, skipped.as_dict())
 
 
 _RETRY = dict(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5)
 
 
-@task(name="load-source", cache_key_fn=stage_cache_key, persist_result=True, **_RETRY)
-def load_source_task(source_file: str, size: timedelta, out_path: str, cache_token: str | None) -> SourceSpans:
-    return load_source(source_file, size, out_path)
-
-
 @task(name="fetch", cache_key_fn=stage_cache_key, persist_result=True, **_RETRY)
-def fetch_window_task(
-    source_spans: str, window_start: datetime, batch_size: int, out_path: str, cache_token: str | None
-) -> WindowSpans:
-    return window_file(source_spans, window_start, batch_size, out_path)
+def fetch_task(
+    source_file: str, size: timedelta, batch_size: int, out_dir: str, cache_token: str | None
+) -> SourceSpans:
+    return fetch_windows(source_file, size, batch_size, out_dir)

@@ -118,18 +118,15 @@ def run_metadata(record: dict[str, Any]) -> Any:
 
 def _line_spans(path: Path, chunk: int = 1 << 26) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Byte offset, length and 1-based line number of every non-empty line."""
-    starts, ends = [np.array([0], dtype=np.int64)], []
     size = path.stat().st_size
-    with open(path, "rb") as handle:
-        position = 0
-        while position < size:
-            block = np.frombuffer(handle.read(chunk), dtype=np.uint8)
-            newlines = np.flatnonzero(block == 10).astype(np.int64) + position
-            ends.append(newlines)
-            starts.append(newlines + 1)
-            position += len(block)
-    begin = np.concatenate(starts)
-    length = np.concatenate(ends + [np.array([size], dtype=np.int64)]) - begin
+    if size == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        data = np.frombuffer(mapped, dtype=np.uint8)
+        newlines = np.concatenate([np.flatnonzero(data[i:i + chunk] == 10) + i for i in range(0, size, chunk)])
+        del data  # the mmap cannot close while an array still points into it
+    begin = np.r_[0, newlines + 1].astype(np.int64)
+    length = np.r_[newlines, size].astype(np.int64) - begin
     keep = length > 0
     return begin[keep], length[keep], np.flatnonzero(keep) + 1
 
@@ -291,27 +288,12 @@ def _spans(rows: pa.Table, path: Path, skipped: Skipped) -> pa.Table:
         "session_id": pc.coalesce(rows.column("session_id"), rows.column("project_id")),
         "is_root": pc.is_null(parent),
         "total_tokens": pc.fill_null(rows.column("total_tokens"), 0),
-        "metadata": pa.nulls(rows.num_rows, pa.string()),
         "app_path": rows.column("app_path"),
         "record_offset": rows.column("record_offset"),
         "record_length": rows.column("record_length"),
     }
-    table = _with_root_metadata(pa.table({f.name: columns[f.name] for f in SPANS}).cast(SPANS), path)
+    table = pa.table({f.name: columns[f.name] for f in SPANS}).cast(SPANS)
     return _drop_duplicate_ids(table, skipped)
-
-
-def _with_root_metadata(table: pa.Table, path: Path) -> pa.Table:
-    """Fill `metadata` (JSON text) for root spans from their records; aggregation reads only roots'."""
-    roots = np.flatnonzero(table.column("is_root").to_numpy(zero_copy_only=False))
-    offsets = table.column("record_offset").to_numpy()
-    lengths = table.column("record_length").to_numpy()
-    metadata: list[str | None] = [None] * table.num_rows
-    with RecordFile(path) as records:
-        for i in roots:
-            value = run_metadata(records.record(int(offsets[i]), int(lengths[i])))
-            metadata[i] = None if value is None else orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
-    index = table.schema.get_field_index("metadata")
-    return table.set_column(index, SPANS.field("metadata"), pa.array(metadata, pa.string()))
 
 
 def _drop_duplicate_ids(table: pa.Table, skipped: Skipped) -> pa.Table:

@@ -24,12 +24,14 @@ SPANS = pa.schema(
         ("session_id", pa.string()),
         ("is_root", pa.bool_()),
         ("total_tokens", pa.int64()),
-        ("metadata", pa.string()),  # JSON text of a root run's metadata (null on child spans)
         ("record_offset", pa.int64()),  # where the run record sits in its JSONL file: parsed only if scored
         ("record_length", pa.int64()),
         ("app_path", pa.string()),
     ]
 )
+
+# Root runs' metadata as JSON text, read by evaluation (which parses root records anyway).
+ROOT_METADATA = pa.schema([("trace_id", pa.string()), ("metadata", pa.string())])
 
 # One row per (span, evaluator result). Written by evaluate, statuses filled by partition.
 SCORES = pa.schema(

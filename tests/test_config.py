@@ -11,11 +11,11 @@ import pytest
 
 from flows.triage import validate
 from tasks.config import ConfigError, FileSource, LoopConfig, SpanTarget, load_config
-from tasks.evaluate import bind_all, span_scores
 from tasks.evaluators import EvaluatorError, register
 from tasks.partition import score_statuses
 from tasks.records import spans_from_records
 from tasks.sample import DEFAULT_RATES, SAMPLE_START, generate_traces
+from tasks.scoring import bind_all, span_scores
 
 ISSUE_EXAMPLE = """\
 source: {kind: file, path: runs.jsonl}

@@ -21,7 +21,6 @@ import pytest
 from langsmith.evaluation import EvaluationResult, run_evaluator
 
 from tasks.config import EvaluatorConfig, SpanTarget
-from tasks.evaluate import RunRows, span_scores, target_mask
 from tasks.evaluators import (
     BoundEvaluator,
     EvaluatorError,
@@ -33,6 +32,7 @@ from tasks.evaluators import (
 )
 from tasks.records import spans_from_records
 from tasks.sample import DEFAULT_RATES, SAMPLE_START, SampleTraces, generate_traces
+from tasks.scoring import RunRows, span_scores, target_mask
 
 TINY = 0.05  # seconds: the timeout of evaluators that are meant to time out
 

@@ -6,7 +6,7 @@ import orjson
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.records import load_spans, spans_from_records
+from tasks.records import RecordFile, load_spans, spans_from_records
 from tasks.sample import generate_traces, to_v2_record, write_sample
 
 
@@ -111,3 +111,31 @@ def test_an_unknown_file_kind_or_a_missing_file_is_a_clear_error(tmp_path):
     (tmp_path / "runs.csv").write_text("id\n")
     with pytest.raises(ValueError, match=".jsonl or .parquet"):
         load_spans(tmp_path / "runs.csv")
+
+
+def test_blank_lines_and_crlf_line_ends_are_read_and_records_stay_addressable(sample, tmp_path):
+    path = tmp_path / "crlf.jsonl"
+    lines = [orjson.dumps(r) for r in sample.records]
+    path.write_bytes(b"\r\n".join(lines[:5]) + b"\r\n\r\n" + b"\n".join(lines[5:]))  # no final newline either
+    spans, skipped, records_file = load_spans(path)
+    assert skipped.total == 0 and spans.num_rows == len(sample.records)
+    with RecordFile(records_file) as records:
+        offsets, lengths = spans.column("record_offset").to_pylist(), spans.column("record_length").to_pylist()
+        ids = [records.record(o, n)["id"] for o, n in zip(offsets, lengths, strict=True)]
+    assert ids == spans.column("id").to_pylist()
+
+
+def test_spans_whose_trace_root_is_missing_are_skipped_and_counted_in_their_window(sample, tmp_path):
+    from datetime import timedelta
+
+    from tasks.fetch import ORPHAN, fetch_windows
+
+    root_ids = {r["id"] for r in sample.records if r["parent_run_id"] is None}
+    dropped = sorted(root_ids)[0]
+    orphans = [r for r in sample.records if r["trace_id"] == dropped and r["id"] != dropped]
+    kept = [r for r in sample.records if r["id"] != dropped]
+    fetched = fetch_windows(str(_write_jsonl(tmp_path / "orphans.jsonl", kept)), timedelta(hours=1), 100,
+                            str(tmp_path / "work"))
+    assert fetched.skipped[ORPHAN]["count"] == len(orphans) > 0
+    assert sum(w.orphans for w in fetched.windows) == len(orphans)
+    assert sum(w.traces for w in fetched.windows) == len(root_ids) - 1

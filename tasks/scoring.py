@@ -1,0 +1,215 @@
+"""Scoring a batch of spans with evaluators: what evaluation worker processes import.
+
+No Prefect here, so a worker process starts quickly; `tasks/evaluate.py` wraps this
+as the evaluate stage (process pool and Prefect task).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tasks.config import EvaluatorConfig
+from tasks.evaluators import (
+    BoundEvaluator,
+    Result,
+    bind_evaluator,
+    evaluate_columnar,
+    evaluate_items,
+    run_object,
+)
+from tasks.records import RECORDS_KEY, RecordFile, run_metadata
+from tasks.schemas import ROOT_METADATA, SCHEMA_VERSION, SCORES
+
+_RUN_FIELDS = ("id", "name", "run_type", "error", "status", "trace_id", "dotted_order", "parent_run_id",
+               "session_id", "total_tokens", "app_path", "start_time", "end_time")
+
+
+class RunRows:
+    """What evaluators see of a batch's rows, built only for the rows they score.
+
+    `fields(i)` parses row i's record from its JSONL file (inputs, outputs, metadata);
+    `run(i)` adds the `Run` object, for evaluators that take `run`.
+    """
+
+    def __init__(self, spans: pa.Table, records: RecordFile | None = None):
+        self.spans = spans
+        self.records = records or RecordFile(records_path(spans.schema))
+        self.offsets = spans.column("record_offset").to_numpy()
+        self.lengths = spans.column("record_length").to_numpy()
+        self._fields: dict[int, dict[str, Any]] = {}
+        self._runs: dict[int, Any] = {}
+
+    def fields(self, i: int) -> dict[str, Any]:
+        cached = self._fields.get(i)
+        if cached is None:
+            record = self.records.record(int(self.offsets[i]), int(self.lengths[i]))
+            cached = self._fields[i] = {
+                "inputs": record.get("inputs") or {},
+                "outputs": record.get("outputs"),
+                "metadata": run_metadata(record),
+            }
+        return cached
+
+    def prepare_runs(self, indices: list[int]) -> None:
+        """Convert the run fields of these rows in one go (cheaper than row by row)."""
+        wanted = [i for i in indices if i not in self._runs]
+        if not wanted:
+            return
+        subset = self.spans.select(list(_RUN_FIELDS)).take(pa.array(wanted, pa.int64()))
+        columns = [subset.column(name).to_pylist() for name in _RUN_FIELDS]
+        for position, i in enumerate(wanted):
+            values = {name: column[position] for name, column in zip(_RUN_FIELDS, columns, strict=True)}
+            self._runs[i] = run_object({**values, **self.fields(i)})
+
+    def run(self, i: int) -> Any:
+        if i not in self._runs:
+            self.prepare_runs([i])
+        return self._runs[i]
+
+
+def target_mask(spans: pa.Table, config: EvaluatorConfig) -> np.ndarray:
+    """Which rows an evaluator scores: roots for root evaluators, matching non-root spans otherwise."""
+    is_root = spans.column("is_root").to_numpy(zero_copy_only=False)
+    if config.is_root:
+        return is_root
+    mask = ~is_root
+    target = config.target
+    if target.run_type is not None:
+        mask &= spans.column("run_type").to_numpy(zero_copy_only=False) == target.run_type
+    if target.name is not None:
+        mask &= spans.column("name").to_numpy(zero_copy_only=False) == target.name
+    return mask
+
+
+def span_scores(spans: pa.Table, evaluators: list[BoundEvaluator], window_start: datetime) -> pa.Table:
+    """One SCORES row per (scored span, evaluator result); statuses are left to partition.
+
+    The records are read from the JSONL file named in the spans' schema metadata.
+    """
+    return batch_scores(spans, evaluators, window_start)[0]
+
+
+def batch_scores(
+    spans: pa.Table, evaluators: list[BoundEvaluator], window_start: datetime
+) -> tuple[pa.Table, pa.Table]:
+    """SCORES of a batch, and its root runs' metadata (ROOT_METADATA), from one pass over the records."""
+    with _collector_paused(), RecordFile(records_path(spans.schema)) as records:
+        rows = RunRows(spans, records)
+        scores = _span_scores(spans, rows, evaluators, window_start)
+        return scores, _root_metadata(spans, rows)
+
+
+def _root_metadata(spans: pa.Table, rows: RunRows) -> pa.Table:
+    roots = np.flatnonzero(spans.column("is_root").to_numpy(zero_copy_only=False)).tolist()
+    texts = []
+    for i in roots:
+        value = rows.fields(i)["metadata"]
+        texts.append(None if value is None else orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode())
+    trace_ids = spans.column("trace_id").take(pa.array(roots, pa.int64()))
+    return pa.table([trace_ids, pa.array(texts, pa.string())], schema=ROOT_METADATA)
+
+
+def metadata_path(scores_path: str) -> str:
+    """Where a batch's root metadata is written, beside its scores."""
+    return scores_path.removesuffix(".parquet") + ".metadata.parquet"
+
+
+def records_path(schema: pa.Schema) -> str:
+    metadata = schema.metadata or {}
+    if RECORDS_KEY not in metadata:
+        raise ValueError("spans table does not name its records file; load it with tasks.records.load_spans")
+    return metadata[RECORDS_KEY].decode()
+
+
+def _span_scores(
+    spans: pa.Table, rows: RunRows, evaluators: list[BoundEvaluator], window_start: datetime
+) -> pa.Table:
+    row_index: list[int] = []
+    evaluator_keys: list[str] = []
+    flat: list[Result] = []
+    for evaluator in evaluators:
+        indices = np.flatnonzero(target_mask(spans, evaluator.config)).tolist()
+        results: list[list[Result]]
+        if evaluator.mode == "columnar":
+            results = evaluate_columnar(evaluator, spans.take(pa.array(indices, pa.int64())))
+        else:
+            if evaluator.needs_run:
+                rows.prepare_runs(indices)
+            items = [(rows.fields(i), rows.run(i) if evaluator.needs_run else None) for i in indices]
+            results = evaluate_items(evaluator, items)
+        for i, row_results in zip(indices, results, strict=True):
+            if len(row_results) == 1:
+                row_index.append(i)
+                flat.append(row_results[0])
+            else:
+                row_index.extend([i] * len(row_results))
+                flat.extend(row_results)
+        evaluator_keys.extend([evaluator.key] * (len(flat) - len(evaluator_keys)))
+    names = Result._fields
+    out = dict(zip(names, map(list, zip(*flat, strict=True)), strict=True)) if flat else {n: [] for n in names}
+    out["evaluator"] = evaluator_keys
+    out["row"] = row_index
+    taken = spans.take(pa.array(out.pop("row"), pa.int64()))
+    thresholds = {e.key: e.config.threshold for e in evaluators}
+    n = taken.num_rows
+    columns = {
+        "window_start": pa.array([window_start] * n, SCORES.field("window_start").type),
+        "trace_id": taken.column("trace_id"),
+        "run_id": taken.column("id"),
+        "span_name": taken.column("name"),
+        "run_type": taken.column("run_type"),
+        "dotted_order": taken.column("dotted_order"),
+        "is_root": taken.column("is_root"),
+        **{name: pa.array(out[name], SCORES.field(name).type)
+           for name in ("evaluator", "feedback_key", "score", "value", "comment", "error")},
+        "threshold": pa.array([thresholds[k] for k in out["evaluator"]], pa.float64()),
+        "status": pa.nulls(n, pa.string()),
+        "schema_version": pa.array(np.full(n, SCHEMA_VERSION, np.int32)),
+    }
+    return pa.table([columns[f.name] for f in SCORES], schema=SCORES)
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """No cyclic garbage collection while scoring a batch.
+
+    A batch makes hundreds of thousands of small dicts that all live until it ends;
+    each generation-2 pass would walk all of them again. Reference counting frees
+    them when the batch's rows go out of scope, before the collector is back on.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def bind_all(configs: list[EvaluatorConfig]) -> list[BoundEvaluator]:
+    return [bind_evaluator(config) for config in configs]
+
+
+def evaluate_batch_file(
+    spans_path: str, batch: int, configs: list[EvaluatorConfig], window_start: datetime, out_path: str
+) -> str:
+    """Score row group `batch` of a window's spans file; the scores go to `out_path` (Parquet)."""
+    scores, metadata = batch_scores(pq.ParquetFile(spans_path).read_row_group(batch), bind_all(configs),
+                                    window_start)
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    for table, path in ((metadata, metadata_path(out_path)), (scores, out_path)):  # scores last: it marks done
+        tmp = f"{path}.{os.getpid()}.tmp"
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    return out_path
