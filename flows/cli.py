@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=7)
     sample.add_argument("--hours", type=float, default=3, help="spread root start times over this many hours")
     sample.add_argument("--out", type=Path, required=True, help="output .jsonl or .parquet file")
+    sample.add_argument("--rate", action="append", default=[], metavar="MODE=SHARE",
+                        help="share of traces with a planted failure mode, e.g. tool_error=0.2 (repeatable); "
+                             "modes: irrelevant_retrieval, tool_error, slow_reranker, hallucinated_answer")
     return parser
 
 
@@ -113,7 +116,19 @@ def sample_command(args: argparse.Namespace) -> int:
     if args.out.suffix not in (".jsonl", ".parquet"):
         print("tracetriage: --out must end in .jsonl or .parquet", file=sys.stderr)
         return 2
-    sample = generate_traces(args.traces, seed=args.seed, hours=args.hours)
+    rates = {}
+    for item in args.rate:
+        mode, _, share = item.partition("=")
+        try:
+            rates[mode] = float(share)
+        except ValueError:
+            print(f"tracetriage: --rate {item!r} must look like tool_error=0.2", file=sys.stderr)
+            return 2
+    try:
+        sample = generate_traces(args.traces, seed=args.seed, hours=args.hours, rates=rates)
+    except ValueError as exc:
+        print(f"tracetriage: {exc}", file=sys.stderr)
+        return 2
     truth = write_sample(args.out, sample)
     print(f"wrote {len(sample.records)} runs of {args.traces} traces to {args.out} (ground truth: {truth})")
     return 0

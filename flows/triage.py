@@ -71,18 +71,19 @@ def triage_window(config: LoopConfig, window: WindowSpans, source_token: str, ou
     patterns, root_causes = aggregate_task(spans, scores, verdicts, attribution, config.evaluators, window_start,
                                            root_metadata)
 
-    counts = dispatch_task(config, window_start, scores, verdicts, attribution, str(out_dir / "ledger.jsonl"),
-                           str(out_dir / "actions.jsonl"), window.path).as_dict()
-    summary = window_summary(window_start, window_end, window.traces, window.spans, window.orphans,
-                             status_counts(judged), verdicts, config.evaluators, root_causes, patterns, counts, "")
     snapshot_root = config.snapshots.url or str(out_dir / "snapshots")
-    summary["snapshot_uri"] = snapshot_task(snapshot_root, window_start, {
+    snapshot = snapshot_task.submit(snapshot_root, window_start, {  # written while dispatch runs
         "scores": judged,
         "attribution": attribution_table(attribution),
         "patterns": patterns_table(patterns),
         "root_causes": root_causes_table(root_causes),
-        "windows": windows_row(summary, verdicts, window_start, window_end),
     })
+    counts = dispatch_task(config, window_start, scores, verdicts, attribution, str(out_dir / "ledger.jsonl"),
+                           str(out_dir / "actions.jsonl"), window.path).as_dict()
+    summary = window_summary(window_start, window_end, window.traces, window.spans, window.orphans,
+                             status_counts(judged), verdicts, config.evaluators, root_causes, patterns, counts,
+                             snapshot.result())
+    snapshot_task(snapshot_root, window_start, {"windows": windows_row(summary, verdicts, window_start, window_end)})
     publish_artifacts(summary)
     print(summary_text(summary))
     return summary

@@ -24,6 +24,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
 
 from tasks.config import LoopConfig, When
 from tasks.evaluators import import_ref
@@ -219,7 +220,7 @@ def _json_safe(value: Any) -> Any:
 
 # The planned actions are made inside the task: Prefect walks list and dict parameters
 # looking for futures, which takes seconds for tens of thousands of action dicts.
-@task(name="dispatch", cache_policy=NO_CACHE)
+@task(name="dispatch", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2))
 def dispatch_task(
     config: LoopConfig, window_start: datetime, scores: pd.DataFrame, verdicts: pd.DataFrame,
     attribution: pd.DataFrame, ledger_path: str, action_log_path: str, window_spans_path: str,

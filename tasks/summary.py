@@ -13,6 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from tasks.config import EvaluatorConfig
 
 TOP = 10
+MIN_LIFT = 1.2
 
 
 def _records(frame: pd.DataFrame, columns: list[str]) -> list[dict[str, Any]]:
@@ -66,9 +67,11 @@ def summary_text(window: dict[str, Any], top: int = 5) -> str:
         for cause in window["root_causes"][:top]:
             share, span, reason = cause["share"], cause["span_name"], cause["reason"]
             lines.append(f"    {share:6.1%}  {span} ({reason}), {cause['traces']} traces")
-    if window["patterns"]:
-        lines.append("  failure modes:")
-        for pattern in window["patterns"][:top]:
+    # Conditions as common among passing traces (lift near 1) are not failure modes; the JSON keeps them all.
+    telling = [p for p in window["patterns"] if p["lift"] is None or p["lift"] >= MIN_LIFT]
+    if telling:
+        lines.append(f"  failure modes (over-represented among failures, lift >= {MIN_LIFT}):")
+        for pattern in telling[:top]:
             lift = "-" if pattern["lift"] is None else f"{pattern['lift']:.1f}x"
             lines.append(f"    {pattern['fail_share']:6.1%} of failures vs {pattern['pass_share'] or 0:6.1%} of passes "
                          f"(lift {lift})  {pattern['condition']}")
@@ -93,7 +96,7 @@ def _artifact_key(window_start: str) -> str:
     return "".join(ch if ch.isalnum() else "-" for ch in window_start.lower())[:40].strip("-")
 
 
-@task(name="publish-artifacts", cache_policy=NO_CACHE)
+@task(name="publish-artifacts", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
 def publish_artifacts(window: dict[str, Any]) -> None:
     key = _artifact_key(window["window_start"])
     rows = [{k: v for k, v in p.items() if k != "example_trace_ids"} for p in window["patterns"][:TOP]]

@@ -86,3 +86,14 @@ def test_prefect_yaml_deploys_the_triage_flow_with_a_pull_step():
 
     flow = getattr(importlib.import_module(module.replace("/", ".").removesuffix(".py")), name)
     assert flow.name == "triage"
+
+
+def test_sample_takes_failure_rates_and_refuses_unknown_modes(tmp_path, capsys):
+    out = tmp_path / "all-tool-errors.jsonl"
+    assert main(["sample", "--traces", "20", "--out", str(out), "--rate", "tool_error=1",
+                 "--rate", "irrelevant_retrieval=0", "--rate", "slow_reranker=0",
+                 "--rate", "hallucinated_answer=0"]) == 0
+    truth = [json.loads(line) for line in out.with_name("all-tool-errors.truth.jsonl").read_text().splitlines()]
+    assert {t["failure_mode"] for t in truth} == {"tool_error"}
+    assert main(["sample", "--traces", "5", "--out", str(out), "--rate", "gremlins=0.5"]) == 2
+    assert "unknown failure modes ['gremlins']" in capsys.readouterr().err
