@@ -45,7 +45,7 @@ def test_run_json_prints_one_document_with_the_promised_fields(runs, tmp_path, c
 def test_run_prints_a_readable_summary(runs, tmp_path, capsys):
     assert main(["run", "--source", str(runs), "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "root causes:" in out and "failure modes:" in out and "actions:" in out
+    assert "root causes:" in out and "failure modes (over-represented among failures" in out and "actions:" in out
 
 
 def test_start_and_end_select_windows(runs, tmp_path, capsys):
