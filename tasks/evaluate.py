@@ -11,6 +11,7 @@ import re
 import sys
 import threading
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from datetime import datetime
 from pathlib import Path
 
@@ -89,7 +90,19 @@ def evaluate_batch(
     pool = None if _in_this_process_only(configs) else evaluation_pool(workers)
     if pool is None:
         return evaluate_batch_file(spans_path, batch, configs, window_start, out_path)
-    return pool.submit(evaluate_batch_file, spans_path, batch, configs, window_start, out_path).result()
+    try:
+        return pool.submit(evaluate_batch_file, spans_path, batch, configs, window_start, out_path).result()
+    except BrokenProcessPool:
+        _discard_pool(pool)  # a worker died (e.g. killed for memory): the task's retry gets a fresh pool
+        raise
+
+
+def _discard_pool(pool: ProcessPoolExecutor) -> None:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is pool:
+            _POOL = None
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 @task(

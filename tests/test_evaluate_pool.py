@@ -1,0 +1,52 @@
+"""Evaluation in worker processes gives the same scores as in-process, and survives a dead worker."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import pyarrow.parquet as pq
+import pytest
+
+from tasks.config import LoopConfig
+from tasks.evaluate import evaluate_batch, evaluation_pool
+from tasks.fetch import fetch_windows
+from tasks.sample import generate_traces, write_sample
+
+
+@pytest.fixture(scope="module")
+def window(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("pool")
+    write_sample(directory / "runs.jsonl", generate_traces(400, seed=9, hours=1))
+    (fetched,) = fetch_windows(str(directory / "runs.jsonl"), timedelta(hours=1), 100, str(directory)).windows
+    return fetched
+
+
+def _scores(path: str):
+    return pq.read_table(path).drop_columns(["window_start"]).to_pandas()
+
+
+def test_worker_processes_score_exactly_as_this_process_does(window, tmp_path):
+    config = LoopConfig()
+    for batch in range(window.batches):
+        here = evaluate_batch(window.path, batch, config.evaluators, window.window_start,
+                              str(tmp_path / f"here-{batch}.parquet"), workers=1)
+        there = evaluate_batch(window.path, batch, config.evaluators, window.window_start,
+                               str(tmp_path / f"there-{batch}.parquet"), workers=2)
+        assert _scores(here).equals(_scores(there))
+
+
+def test_a_dead_worker_fails_the_batch_and_the_retry_gets_a_new_pool(window, tmp_path):
+    from concurrent.futures.process import BrokenProcessPool
+
+    config = LoopConfig()
+    pool = evaluation_pool(2)
+    os.kill(pool.submit(os.getpid).result(), 9)  # as the kernel's OOM killer would
+    with pytest.raises(BrokenProcessPool):
+        for batch in range(window.batches):
+            evaluate_batch(window.path, batch, config.evaluators, window.window_start,
+                           str(tmp_path / f"b-{batch}.parquet"), workers=2)
+    again = evaluate_batch(window.path, 0, config.evaluators, window.window_start, str(tmp_path / "again.parquet"),
+                           workers=2)
+    assert evaluation_pool(2) is not pool
+    assert pq.read_table(again).num_rows > 0
