@@ -111,56 +111,43 @@ class _TraceBuilder:
         start = self.cursor
         end = start + timedelta(seconds=seconds)
         self.cursor = end + timedelta(milliseconds=self.rng.randint(1, 15))
-        self.records.append(
-            {
-                "id": run_id,
-                "name": name,
-                "run_type": run_type,
-                "trace_id": self.root_id,
-                "parent_run_id": self.root_id,
-                "dotted_order": f"{self.root_dotted}.{_dotted(start, run_id)}",
-                "session_id": SAMPLE_PROJECT_ID,
-                "start_time": _iso(start),
-                "end_time": _iso(end),
-                "status": "error" if error else "success",
-                "error": error,
-                "inputs": inputs,
-                "outputs": outputs,
-                "extra": {"metadata": dict(self.metadata)},
-                "prompt_tokens": tokens[0],
-                "completion_tokens": tokens[1],
-                "total_tokens": tokens[0] + tokens[1],
-                "app_path": f"/o/sample/projects/p/{SAMPLE_PROJECT_ID}/r/{run_id}",
-            }
-        )
+        self.records.append(self._record(run_id, name, run_type, self.root_id,
+                                         f"{self.root_dotted}.{_dotted(start, run_id)}", start, end,
+                                         inputs, outputs, error, tokens))
         return run_id
 
     def root(self, inputs: dict[str, Any], outputs: dict[str, Any] | None, error: str | None) -> None:
         end = self.cursor + timedelta(milliseconds=self.rng.randint(2, 30))
-        tokens = [sum(r[k] for r in self.records) for k in ("prompt_tokens", "completion_tokens")]
-        self.records.insert(
-            0,
-            {
-                "id": self.root_id,
-                "name": "rag_agent",
-                "run_type": "chain",
-                "trace_id": self.root_id,
-                "parent_run_id": None,
-                "dotted_order": self.root_dotted,
-                "session_id": SAMPLE_PROJECT_ID,
-                "start_time": _iso(self.root_start),
-                "end_time": _iso(end),
-                "status": "error" if error else "success",
-                "error": error,
-                "inputs": inputs,
-                "outputs": outputs,
-                "extra": {"metadata": dict(self.metadata)},
-                "prompt_tokens": tokens[0],
-                "completion_tokens": tokens[1],
-                "total_tokens": tokens[0] + tokens[1],
-                "app_path": f"/o/sample/projects/p/{SAMPLE_PROJECT_ID}/r/{self.root_id}",
-            },
-        )
+        tokens = (sum(r["prompt_tokens"] for r in self.records), sum(r["completion_tokens"] for r in self.records))
+        self.records.insert(0, self._record(self.root_id, "rag_agent", "chain", None, self.root_dotted,
+                                            self.root_start, end, inputs, outputs, error, tokens))
+
+    def _record(
+        self, run_id: str, name: str, run_type: str, parent: str | None, dotted: str, start: datetime,
+        end: datetime, inputs: dict[str, Any], outputs: dict[str, Any] | None, error: str | None,
+        tokens: tuple[int, int],
+    ) -> dict[str, Any]:
+        """A v1 LangSmith run record (the `RunSchema` of the API spec)."""
+        return {
+            "id": run_id,
+            "name": name,
+            "run_type": run_type,
+            "trace_id": self.root_id,
+            "parent_run_id": parent,
+            "dotted_order": dotted,
+            "session_id": SAMPLE_PROJECT_ID,
+            "start_time": _iso(start),
+            "end_time": _iso(end),
+            "status": "error" if error else "success",
+            "error": error,
+            "inputs": inputs,
+            "outputs": outputs,
+            "extra": {"metadata": dict(self.metadata)},
+            "prompt_tokens": tokens[0],
+            "completion_tokens": tokens[1],
+            "total_tokens": tokens[0] + tokens[1],
+            "app_path": f"/o/sample/projects/p/{SAMPLE_PROJECT_ID}/r/{run_id}",
+        }
 
 
 def _pick_mode(rng: random.Random, rates: dict[str, float], model: str) -> str | None:
