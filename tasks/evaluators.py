@@ -95,6 +95,8 @@ class BoundEvaluator:
             return self.target.evaluate_run(run, None)
         if self.mode == "legacy":
             return self.target(run, None)
+        if self.wants == ("inputs", "outputs"):  # the common openevals shape, without building a dict twice
+            return self.target(inputs=run_fields["inputs"], outputs=run_fields["outputs"])
         return self.target(**_arguments(self.wants, run_fields, run))
 
     async def acall(self, run_fields: dict[str, Any], run: Run | None) -> Any:
@@ -296,16 +298,23 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:500]
 
 
-def _timed_sync(evaluator: BoundEvaluator, fields: dict[str, Any], run: Run | None) -> list[Result]:
-    began = time.perf_counter()
-    try:
-        results = normalise_result(evaluator.call(fields, run), evaluator.key)
-    except Exception as exc:
-        return error_result(evaluator.key, _describe(exc))
-    took = time.perf_counter() - began
-    if took > evaluator.config.timeout:
-        return error_result(evaluator.key, f"timed out: took {took:.1f}s, timeout is {evaluator.config.timeout}s")
-    return results
+def _evaluate_inline(
+    evaluator: BoundEvaluator, items: list[tuple[dict[str, Any], Run | None]]
+) -> list[list[Result]]:
+    """Sync evaluations one after another; a timeout is judged when the evaluation returns."""
+    key, timeout, call, clock = evaluator.key, evaluator.config.timeout, evaluator.call, time.perf_counter
+    out: list[list[Result]] = []
+    for fields, run in items:
+        began = clock()
+        try:
+            results = normalise_result(call(fields, run), key)
+        except Exception as exc:
+            out.append(error_result(key, _describe(exc)))
+            continue
+        took = clock() - began
+        out.append(results if took <= timeout else
+                   error_result(key, f"timed out: took {took:.1f}s, timeout is {timeout}s"))
+    return out
 
 
 def evaluate_items(
@@ -317,7 +326,7 @@ def evaluate_items(
     if evaluator.is_async:
         return asyncio.run(_evaluate_async(evaluator, items))
     if evaluator.config.max_concurrency == 1:
-        return [_timed_sync(evaluator, fields, run) for fields, run in items]
+        return _evaluate_inline(evaluator, items)
     return _evaluate_threads(evaluator, items)
 
 

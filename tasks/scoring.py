@@ -146,13 +146,15 @@ def _span_scores(
         else:
             if evaluator.needs_run:
                 rows.prepare_runs(indices)
-            items = [(rows.fields(i), rows.run(i) if evaluator.needs_run else None) for i in indices]
+            fields = rows.fields
+            items = ([(fields(i), rows.run(i)) for i in indices] if evaluator.needs_run
+                     else [(fields(i), None) for i in indices])
             results = evaluate_items(evaluator, items)
-        for i, row_results in zip(indices, results, strict=True):
-            if len(row_results) == 1:
-                row_index.append(i)
-                flat.append(row_results[0])
-            else:
+        if all(len(row_results) == 1 for row_results in results):  # the usual case: one result per span
+            row_index.extend(indices)
+            flat.extend([row_results[0] for row_results in results])
+        else:
+            for i, row_results in zip(indices, results, strict=True):
                 row_index.extend([i] * len(row_results))
                 flat.extend(row_results)
         evaluator_keys.extend([evaluator.key] * (len(flat) - len(evaluator_keys)))
