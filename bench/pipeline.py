@@ -104,7 +104,7 @@ def stages(source: Path, work: Path, traces: int) -> None:
     from tasks.aggregate import failure_patterns, root_cause_shares
     from tasks.attribute import SPAN_COLUMNS, span_attribution
     from tasks.config import LoopConfig
-    from tasks.evaluate import evaluate_batch, evaluation_pool, evaluation_workers
+    from tasks.evaluate import evaluate_batch, evaluation_pool, evaluation_workers, shutdown_evaluation_pool
     from tasks.fetch import fetch_windows
     from tasks.partition import score_statuses, scores_for_analysis, trace_verdicts
     from tasks.scoring import metadata_path
@@ -143,6 +143,7 @@ def stages(source: Path, work: Path, traces: int) -> None:
     root_cause_shares(attribution, verdicts, window_start)
     _line("aggregate", time.perf_counter() - start, traces)
     _line("all stages", time.perf_counter() - began, traces)
+    shutdown_evaluation_pool()  # the flow below starts its own workers, and is timed with their start
 
 
 def end_to_end(source: Path, out: Path, traces: int) -> None:

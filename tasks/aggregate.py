@@ -53,20 +53,33 @@ def _error_conditions(spans: pd.DataFrame) -> pd.DataFrame:
 
 def latency_cutoffs(spans: pd.DataFrame) -> pd.Series:
     """Per span name, the latency above which a span is an outlier: Q3 + 3 IQR of the window."""
-    timed = spans[~spans["is_root"] & spans["latency_s"].notna()]
-    grouped = timed.groupby("name")["latency_s"]
-    q1, q3, size = grouped.quantile(0.25), grouped.quantile(0.75), grouped.size()
-    cutoff = q3 + OUTLIER_IQR * (q3 - q1)
-    return cutoff[size >= MIN_SPANS_FOR_OUTLIERS]
+    names, latency, child = _latency_columns(spans)
+    cutoffs = {}
+    for name in pd.unique(names[child]):
+        values = latency[child & (names == name)]
+        values = values[~np.isnan(values)]
+        if len(values) >= MIN_SPANS_FOR_OUTLIERS:
+            q1, q3 = np.quantile(values, [0.25, 0.75])
+            cutoffs[name] = q3 + OUTLIER_IQR * (q3 - q1)
+    return pd.Series(cutoffs, dtype=float)
+
+
+def _latency_columns(spans: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return (spans["name"].to_numpy(dtype=object), spans["latency_s"].to_numpy(dtype=float, na_value=np.nan),
+            ~spans["is_root"].to_numpy(dtype=bool))
 
 
 def _latency_conditions(spans: pd.DataFrame) -> pd.DataFrame:
     cutoffs = latency_cutoffs(spans)
-    timed = spans[~spans["is_root"] & spans["name"].isin(cutoffs.index)]
-    slow = timed[timed["latency_s"] > timed["name"].map(cutoffs)]
+    names, latency, child = _latency_columns(spans)
+    cutoff = np.full(len(spans), np.inf)
+    for name, value in cutoffs.items():
+        cutoff[names == name] = value
+    slow = spans.loc[child & (latency > cutoff), ["trace_id", "name"]]
+    labels = {name: f"{name}: latency > {value:.2f}s" for name, value in cutoffs.items()}
     return pd.DataFrame({
         "trace_id": slow["trace_id"],
-        "condition": slow["name"] + ": latency > " + slow["name"].map(cutoffs).map("{:.2f}s".format),
+        "condition": slow["name"].map(labels),
         "kind": "span_latency_outlier",
         "span_name": slow["name"],
     })

@@ -97,6 +97,12 @@ def evaluate_batch(
         raise
 
 
+def shutdown_evaluation_pool() -> None:
+    """Stop this process's evaluation workers (the next evaluation starts new ones)."""
+    if _POOL is not None:
+        _discard_pool(_POOL)
+
+
 def _discard_pool(pool: ProcessPoolExecutor) -> None:
     global _POOL
     with _POOL_LOCK:
