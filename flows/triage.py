@@ -61,10 +61,10 @@ def triage_window(config: LoopConfig, window: WindowSpans, source_token: str, ou
          for b in batches],
         unmapped(eval_token), unmapped(evaluation_workers(config.eval_workers)),
     )
+    spans = pq.read_table(window.path, columns=SPAN_COLUMNS + ["latency_s"]).to_pandas()  # while workers score
     score_files = [f.result() for f in track_batches(futures, window_start)]
     raw_scores = pa.concat_tables([pq.read_table(path) for path in score_files])
     root_metadata = pa.concat_tables([pq.read_table(metadata_path(path)) for path in score_files]).to_pandas()
-    spans = pq.read_table(window.path, columns=SPAN_COLUMNS + ["latency_s"]).to_pandas()
     judged, verdicts = partition_task(raw_scores, pa.array(spans.loc[spans["is_root"], "trace_id"]), config.evaluators)
     scores = scores_for_analysis(judged, [a.when.evaluator for a in config.actions if a.when.evaluator])
     attribution = attribute_task(spans, scores, verdicts, window_start)

@@ -55,8 +55,8 @@ def evaluation_pool(workers: int) -> ProcessPoolExecutor | None:
     """One process pool per Python process, started on first use; None when one worker is asked for.
 
     Processes, because evaluators are mostly Python code and threads would share one
-    core. Workers fork from a server that has already imported this module, so they
-    start in milliseconds after the first.
+    core. Workers fork from a server that has already imported the main module and
+    the scoring code, so each starts in milliseconds.
     """
     global _POOL
     if workers <= 1:
@@ -64,7 +64,9 @@ def evaluation_pool(workers: int) -> ProcessPoolExecutor | None:
     with _POOL_LOCK:
         if _POOL is None:
             context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload(["tasks.scoring"])
+            # The server imports the main module and the scoring code once; workers fork from it
+            # and so skip their own import of `__main__` (multiprocessing sees it is there).
+            context.set_forkserver_preload(["__main__", "tasks.scoring"])
             _POOL = ProcessPoolExecutor(max_workers=workers, mp_context=context)
         return _POOL
 
