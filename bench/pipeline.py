@@ -146,11 +146,14 @@ def stages(source: Path, work: Path, traces: int) -> None:
     shutdown_evaluation_pool()  # the flow below starts its own workers, and is timed with their start
 
 
-def end_to_end(source: Path, out: Path, traces: int) -> None:
+def end_to_end(source: Path, out: Path, traces: int, runs: int) -> None:
+    import statistics
+
     from prefect import flow
 
     from flows.triage import triage
     from tasks.config import FileSource, LoopConfig
+    from tasks.evaluate import shutdown_evaluation_pool
 
     @flow
     def warm_up() -> None:
@@ -159,15 +162,19 @@ def end_to_end(source: Path, out: Path, traces: int) -> None:
     start = time.perf_counter()
     warm_up()
     print(f"\nPrefect API start (once per process, not counted): {time.perf_counter() - start:.1f} s")
+    print("whole window through the Prefect flow (start workers, fetch, evaluate, partition, attribute, aggregate, "
+          "snapshot, dispatch, artifacts), each run from scratch:")
     config = LoopConfig(source=FileSource(path=str(source)), window={"size": "1h"})
-    start = time.perf_counter()
-    result = triage(config=config, out=str(out))
-    seconds = time.perf_counter() - start
-    window = result["windows"][0]
-    print("whole window through the Prefect flow (load, fetch, evaluate, partition, attribute, aggregate, "
-          "snapshot, dispatch, artifacts):")
-    _line(f"{window['traces']:,} traces, {window['spans']:,} spans", seconds, traces)
-    print(f"  failing traces {window['failing_traces']:,}; actions sent {window['actions']['sent']:,}")
+    timings = []
+    for run in range(runs):
+        start = time.perf_counter()
+        result = triage(config=config, out=str(out / f"run-{run}"))
+        timings.append(time.perf_counter() - start)
+        shutdown_evaluation_pool()  # the next run starts its own workers, as a new flow-run process would
+        window = result["windows"][0]
+        _line(f"run {run + 1}: {window['traces']:,} traces, {window['spans']:,} spans", timings[-1], traces)
+    _line(f"median of {runs} runs", statistics.median(timings), traces)
+    print(f"  failing traces {window['failing_traces']:,}; actions sent per run {window['actions']['sent']:,}")
 
 
 def user_evaluator(source: Path, work: Path, traces: int) -> None:
@@ -191,6 +198,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--traces", type=int, default=100_000)
     parser.add_argument("--data", type=Path, default=ROOT / ".bench-data", help="where generated traces are kept")
+    parser.add_argument("--flow-runs", type=int, default=3, help="flow runs to time (the median is reported)")
     args = parser.parse_args()
 
     from tasks.sample import generate_traces, write_sample
@@ -204,7 +212,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, PeakRSS() as memory:
         work = Path(tmp)
         stages(source, work / "stages", args.traces)
-        end_to_end(source, work / "flow", args.traces)
+        end_to_end(source, work / "flow", args.traces, args.flow_runs)
         user_evaluator(source, work / "stages", args.traces)
     print(f"\npeak RSS, this process and its evaluation workers (not the Prefect API server): "
           f"{memory.peak / 2**30:.2f} GiB")
