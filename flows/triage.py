@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -90,8 +91,6 @@ def triage_window(config: LoopConfig, window: WindowSpans, source_token: str, ou
 
 
 def windows_row(summary: dict[str, Any], verdicts: pd.DataFrame, start: datetime, end: datetime) -> pa.Table:
-    import orjson
-
     counts = verdicts["verdict"].value_counts()
     return pa.Table.from_pylist([{
         "window_start": start, "window_end": end, "traces": summary["traces"], "spans": summary["spans"],
