@@ -3,6 +3,7 @@
     tracetriage run                                  # sample traces, every window, summary on stdout
     tracetriage run --source runs.jsonl --json       # your exported runs, one JSON document on stdout
     tracetriage sample --traces 5000 --out runs.jsonl
+    tracetriage report --since 7d --out report/        # trend table on stdout, chart in report/trend.png
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tasks.config import ConfigError, FileSource, load_config
+from tasks.config import ConfigError, FileSource, SnapshotConfig, load_config
 
 
 def _moment(text: str) -> datetime:
@@ -46,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--rate", action="append", default=[], metavar="MODE=SHARE",
                         help="share of traces with a planted failure mode, e.g. tool_error=0.2 (repeatable); "
                              "modes: irrelevant_retrieval, tool_error, slow_reranker, hallucinated_answer")
+    report = commands.add_parser("report", help="trend table and chart of the snapshots, spikes marked")
+    report.add_argument("--config", type=Path, help="loop config YAML: where snapshots are, spike settings")
+    report.add_argument("--snapshots", help="snapshot URL (overrides the config; default .tracetriage/snapshots)")
+    report.add_argument("--since", default="7d", help="a duration back from the latest window (7d, 48h) or an "
+                                                       "ISO time (default: 7d)")
+    report.add_argument("--out", type=Path, default=Path("."), help="directory for trend.png (default: .)")
     return parser
 
 
@@ -134,11 +141,36 @@ def sample_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def report_command(args: argparse.Namespace) -> int:
+    from tasks.report import format_table, report_period, trend_report
+    from tasks.snapshot import open_store
+
+    try:
+        config = load_config(args.config) if args.config else load_config(data={})
+        if args.snapshots:
+            config = config.model_copy(update={"snapshots": SnapshotConfig(url=args.snapshots)})
+        report = trend_report(open_store(config.snapshots, Path(".tracetriage") / "snapshots"), args.since,
+                              config.spikes)
+    except (ConfigError, ValueError) as exc:
+        print(f"tracetriage: {exc}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    chart = args.out / "trend.png"
+    chart.write_bytes(report.chart_png)
+    print(f"trends of {report_period(report)}\n")
+    print(format_table(report.table))
+    print(f"\n{report.spiking_windows} of {report.windows} windows spiked; chart: {chart}")
+    return 0
+
+
+COMMANDS = {"run": run_command, "sample": sample_command, "report": report_command}
+
+
 def main(argv: list[str] | None = None) -> int:
     # Offline by default: no telemetry from the temporary Prefect server.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     args = _parser().parse_args(argv)
-    return run_command(args) if args.command == "run" else sample_command(args)
+    return COMMANDS[args.command](args)
 
 
 if __name__ == "__main__":

@@ -22,12 +22,13 @@ from tasks.dispatch import dispatch_task
 from tasks.evaluate import evaluate_task, evaluation_workers, start_evaluation_workers
 from tasks.evaluators import import_ref
 from tasks.fetch import SourceSpans, WindowSpans, fetch_task, source_fingerprint, source_path
-from tasks.partition import partition_task, scores_for_analysis, status_counts
+from tasks.partition import evaluators_table, partition_task, scores_for_analysis, status_counts
 from tasks.progress import track_batches
 from tasks.schemas import SCHEMA_VERSION, WINDOWS
 from tasks.scoring import bind_all, metadata_path
-from tasks.snapshot import snapshot_task
+from tasks.snapshot import open_store, snapshot_task, spans_snapshot
 from tasks.summary import publish_artifacts, summary_text, window_summary
+from tasks.trends import spike_task, window_series
 
 DEFAULT_OUT = ".tracetriage"
 WORKERS = int(os.environ.get("TRACETRIAGE_WORKERS", "4"))
@@ -46,7 +47,8 @@ def validate(config: LoopConfig) -> LoopConfig:
 
 @flow(name="triage-window", task_runner=ThreadPoolTaskRunner(max_workers=WORKERS), log_prints=True)
 def triage_window(config: LoopConfig, window: WindowSpans, source_token: str, out: str) -> dict[str, Any]:
-    """Triage one fetched window: evaluate in batches, partition, attribute, aggregate, snapshot, dispatch."""
+    """Triage one window: evaluate in batches, partition, attribute, aggregate, check for a spike, snapshot,
+    dispatch."""
     out_dir = Path(out)
     window_start = window.window_start
     window_end = window_start + config.window.size_delta
@@ -72,19 +74,24 @@ def triage_window(config: LoopConfig, window: WindowSpans, source_token: str, ou
     patterns, root_causes = aggregate_task(spans, scores, verdicts, attribution, config.evaluators, window_start,
                                            root_metadata)
 
-    snapshot_root = config.snapshots.url or str(out_dir / "snapshots")
-    snapshot = snapshot_task.submit(snapshot_root, window_start, {  # written while dispatch runs
-        "scores": judged,
-        "attribution": attribution_table(attribution),
-        "patterns": patterns_table(patterns),
-        "root_causes": root_causes_table(root_causes),
-    })
-    counts = dispatch_task(config, window_start, scores, verdicts, attribution, str(out_dir / "ledger.jsonl"),
-                           str(out_dir / "actions.jsonl"), window.path).as_dict()
-    summary = window_summary(window_start, window_end, window.traces, window.spans, window.orphans,
-                             status_counts(judged), verdicts, config.evaluators, root_causes, patterns, counts,
-                             snapshot.result())
-    snapshot_task(snapshot_root, window_start, {"windows": windows_row(summary, verdicts, window_start, window_end)})
+    store = open_store(config.snapshots, out_dir / "snapshots")
+    counts = status_counts(judged)
+    evaluators = evaluators_table(counts, config.evaluators, window_start)
+    failing = int((verdicts["verdict"] == "fail").sum())
+    current = window_series(pd.DataFrame({"window_start": [pd.Timestamp(window_start)], "traces": [window.traces],
+                                          "failing_traces": [failing]}),
+                            evaluators.to_pandas(), root_causes, patterns)
+    spike = spike_task(store, current, window_start, config.spikes)
+    tables = {"scores": judged, "attribution": attribution_table(attribution), "patterns": patterns_table(patterns),
+              "root_causes": root_causes_table(root_causes), "evaluators": evaluators}
+    if config.snapshots.spans:
+        tables["spans"] = spans_snapshot(window.path, window_start)
+    snapshot = snapshot_task.submit(store, window_start, tables)  # written while dispatch runs
+    actions = dispatch_task(config, window_start, scores, verdicts, attribution, spike, str(out_dir / "ledger.jsonl"),
+                            str(out_dir / "actions.jsonl"), window.path).as_dict()
+    summary = window_summary(window_start, window_end, window.traces, window.spans, window.orphans, counts,
+                             verdicts, config.evaluators, root_causes, patterns, actions, spike, snapshot.result())
+    snapshot_task(store, window_start, {"windows": windows_row(summary, verdicts, window_start, window_end)})
     publish_artifacts(summary)
     print(summary_text(summary))
     return summary
@@ -92,12 +99,14 @@ def triage_window(config: LoopConfig, window: WindowSpans, source_token: str, ou
 
 def windows_row(summary: dict[str, Any], verdicts: pd.DataFrame, start: datetime, end: datetime) -> pa.Table:
     counts = verdicts["verdict"].value_counts()
+    spike = summary["spike"]
     return pa.Table.from_pylist([{
         "window_start": start, "window_end": end, "traces": summary["traces"], "spans": summary["spans"],
         "skipped_records": summary["skipped_records"], "failing_traces": int(counts.get("fail", 0)),
         "passing_traces": int(counts.get("pass", 0)), "error_traces": int(counts.get("error", 0)),
         "summary_json": orjson.dumps({k: v for k, v in summary.items() if k != "snapshot_uri"}).decode(),
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": SCHEMA_VERSION, "spike": spike is not None,
+        "spike_json": None if spike is None else orjson.dumps(spike).decode(),
     }], schema=WINDOWS)
 
 

@@ -69,17 +69,15 @@ def _latency_columns(spans: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.nd
             ~spans["is_root"].to_numpy(dtype=bool))
 
 
-def _latency_conditions(spans: pd.DataFrame) -> pd.DataFrame:
-    cutoffs = latency_cutoffs(spans)
+def _latency_conditions(spans: pd.DataFrame, cutoffs: pd.Series) -> pd.DataFrame:
     names, latency, child = _latency_columns(spans)
     cutoff = np.full(len(spans), np.inf)
     for name, value in cutoffs.items():
         cutoff[names == name] = value
     slow = spans.loc[child & (latency > cutoff), ["trace_id", "name"]]
-    labels = {name: f"{name}: latency > {value:.2f}s" for name, value in cutoffs.items()}
     return pd.DataFrame({
         "trace_id": slow["trace_id"],
-        "condition": slow["name"].map(labels),
+        "condition": slow["name"] + ": latency outlier",  # the same name every window, for trends
         "kind": "span_latency_outlier",
         "span_name": slow["name"],
     })
@@ -119,8 +117,9 @@ def failure_patterns(
     configs: list[EvaluatorConfig], window_start: datetime, root_metadata: pd.DataFrame,
 ) -> pd.DataFrame:
     """PATTERNS rows, largest fail_share first."""
+    cutoffs = latency_cutoffs(spans)
     conditions = pd.concat(
-        [_below_conditions(scores, configs), _error_conditions(spans), _latency_conditions(spans),
+        [_below_conditions(scores, configs), _error_conditions(spans), _latency_conditions(spans, cutoffs),
          _metadata_conditions(root_metadata)],
         ignore_index=True,
     ).drop_duplicates(["trace_id", "condition"])
@@ -149,6 +148,9 @@ def failure_patterns(
     })
     out["lift"] = (out["fail_share"] / out["pass_share"]).where(out["pass_share"] > 0)
     out["example_trace_ids"] = out["condition"].map(examples)
+    outlier = out["kind"] == "span_latency_outlier"
+    labels = {name: f"latency > {value:.2f}s" for name, value in cutoffs.items()}
+    out["detail"] = out["span_name"].map(labels).where(outlier, None)
     out["schema_version"] = SCHEMA_VERSION
     return out.sort_values(["fail_share", "condition"], ascending=[False, True], ignore_index=True)
 

@@ -148,6 +148,13 @@ class EvaluatorConfig(_Strict):
     def is_root(self) -> bool:
         return self.target == "root"
 
+    @property
+    def target_label(self) -> str:
+        """'root', or the span target as `name=...`, `run_type=...`."""
+        if self.target == "root":
+            return "root"
+        return ", ".join(f"{k}={v}" for k, v in self.target.model_dump().items() if v is not None)
+
 
 class When(_Strict):
     """Which failing traces an action applies to."""
@@ -156,11 +163,16 @@ class When(_Strict):
     below: float | None = None
     above: float | None = None
     failing: bool | None = Field(None, description="true: every failing trace.")
+    spike: bool | None = Field(None, description="true: once per window whose failure rate spiked.")
 
     @model_validator(mode="after")
     def _says_something(self) -> When:
+        if self.spike:
+            if self.evaluator is not None or self.failing:
+                raise ValueError("`when: {spike: true}` is about the window; it takes no evaluator or failing")
+            return self
         if self.evaluator is None and not self.failing:
-            raise ValueError("a `when` needs an evaluator with below/above, or `failing: true`")
+            raise ValueError("a `when` needs an evaluator with below/above, `failing: true` or `spike: true`")
         if self.evaluator is not None and self.below is None and self.above is None:
             raise ValueError(f"`when: {{evaluator: {self.evaluator}}}` needs `below:` or `above:`")
         return self
@@ -180,7 +192,40 @@ class ActionConfig(_Strict):
 
 
 class SnapshotConfig(_Strict):
-    url: str | None = Field(None, description="Where snapshots go; defaults to <out>/snapshots.")
+    url: str | None = Field(
+        None, description="Where snapshots go: a directory, s3://bucket/prefix or gs://bucket/prefix; "
+                          "defaults to <out>/snapshots."
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec options for the URL (endpoint_url, region, ...); put credentials in a block or env.",
+    )
+    block: str | None = Field(None, description="Name of a SnapshotStorage block that holds the URL and credentials.")
+    spans: bool = Field(False, description="Also keep every span of each window (the `spans` table).")
+
+    @model_validator(mode="after")
+    def _url_or_block(self) -> SnapshotConfig:
+        if self.block and (self.url or self.storage_options):
+            raise ValueError("snapshots: give `block:` or `url:`/`storage_options:`, not both")
+        return self
+
+
+class SpikeConfig(_Strict):
+    """When a window's failure rate departs from its trailing baseline (see README, "Spikes")."""
+
+    baseline_windows: int = Field(24, ge=2, description="Trailing windows the current one is compared with.")
+    min_baseline_windows: int = Field(6, ge=2, description="Fewer past windows than this: no spike check.")
+    min_failing_traces: int = Field(20, ge=1, description="A series needs this many failures in the window to spike.")
+    max_p_value: float = Field(
+        1e-6, gt=0, lt=1,
+        description="The sensitivity: a rate spikes when the chance of it under the baseline is below this. "
+                    "Larger values alert on smaller departures.",
+    )
+    min_ratio: float = Field(1.5, ge=1, description="And only when the rate is at least this multiple of baseline.")
+    new_mode_share: float = Field(
+        0.25, gt=0, le=1, description="A failure mode absent from the baseline that now holds this share of "
+                                      "failures is a new failure mode.",
+    )
 
 
 class LoopConfig(_Strict):
@@ -198,6 +243,7 @@ class LoopConfig(_Strict):
         description="Rules: which traces get which action.",
     )
     snapshots: SnapshotConfig = Field(default_factory=SnapshotConfig)
+    spikes: SpikeConfig = Field(default_factory=SpikeConfig)
     batch_size: int = Field(2000, ge=1, description="Traces per evaluation task (grown to keep at most 16 tasks).")
     eval_workers: int = Field(
         0, ge=0, le=256, description="Processes that evaluate batches: 0 is one per core, 1 evaluates in-process."
@@ -266,7 +312,7 @@ class ConfigError(ValueError):
 def _all_field_names() -> set[str]:
     names: set[str] = set()
     for cls in (LoopConfig, FileSource, SampleSource, WindowConfig, SpanTarget, EvaluatorConfig, When,
-                ActionConfig, SnapshotConfig):
+                ActionConfig, SnapshotConfig, SpikeConfig):
         names.update(cls.model_fields)
     return names
 

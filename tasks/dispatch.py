@@ -116,15 +116,21 @@ def matching_traces(when: When, scores: pd.DataFrame, verdicts: pd.DataFrame) ->
 
 def planned_actions(
     config: LoopConfig, window_start: datetime, scores: pd.DataFrame, verdicts: pd.DataFrame,
-    attribution: pd.DataFrame,
+    attribution: pd.DataFrame, spike: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """Every action the rules ask for in this window, in a stable order."""
+    """Every action the rules ask for in this window, in a stable order; `when: spike` rules once per window."""
     culprits = attribution.loc[attribution["is_culprit"], ["trace_id", "run_id", "span_name", "reason"]].rename(
         columns={"run_id": "culprit_run_id", "span_name": "culprit_span", "reason": "culprit_reason"})
     window = window_start.isoformat()
     planned: list[dict[str, Any]] = []
     for index, rule in enumerate(config.actions):
         name = config.action_name(index)
+        if rule.when.spike:
+            if spike is not None:
+                planned.append({"action_id": action_id(config.name, window_start, "spike", name), "loop": config.name,
+                                "action": name, "do": rule.do, "window_start": window, "trace_id": None,
+                                "run_id": None, "spike": spike})
+            continue
         matched = matching_traces(rule.when, scores, verdicts).merge(culprits, on="trace_id", how="left")
         matched = matched.sort_values("trace_id").astype(object).where(matched.notna(), None)
         for row in matched.to_dict("records"):
@@ -161,7 +167,7 @@ def _call_action(ref: str, record: dict[str, Any], run: Any) -> Any:
     fn = import_ref(ref, what="action function")
     params = inspect.signature(fn).parameters
     extras = {k: v for k, v in (("action_id", record["action_id"]), ("record", record)) if k in params}
-    return fn(run, record["score"], **extras)
+    return fn(run, record.get("score"), **extras)
 
 
 def root_runs(window_spans_path: str, trace_ids: set[str]) -> dict[str, Any]:
@@ -201,7 +207,7 @@ def dispatch_actions(
 
     calls = [p for p in todo if p["do"] == "call"]
     rules = {config.action_name(i): rule for i, rule in enumerate(config.actions)}
-    runs = root_runs(window_spans_path, {p["trace_id"] for p in calls})
+    runs = root_runs(window_spans_path, {p["trace_id"] for p in calls if p["trace_id"]})
     for record in calls:
         try:
             response = _call_action(rules[record["action"]].ref, record, runs.get(record["trace_id"]))
@@ -223,7 +229,8 @@ def _json_safe(value: Any) -> Any:
 @task(name="dispatch", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2))
 def dispatch_task(
     config: LoopConfig, window_start: datetime, scores: pd.DataFrame, verdicts: pd.DataFrame,
-    attribution: pd.DataFrame, ledger_path: str, action_log_path: str, window_spans_path: str,
+    attribution: pd.DataFrame, spike: dict[str, Any] | None, ledger_path: str, action_log_path: str,
+    window_spans_path: str,
 ) -> DispatchCounts:
-    planned = planned_actions(config, window_start, scores, verdicts, attribution)
+    planned = planned_actions(config, window_start, scores, verdicts, attribution, spike)
     return dispatch_actions(config, planned, Ledger(ledger_path), ActionLog(action_log_path), window_spans_path)

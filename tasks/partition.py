@@ -7,6 +7,8 @@ it; it is an `error` trace when no root evaluator failed it but one errored.
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -14,7 +16,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.config import EvaluatorConfig
-from tasks.schemas import SCORES
+from tasks.schemas import EVALUATORS, SCHEMA_VERSION, SCORES
 
 NO_SCORE = "returned no score; give a numeric score, or set pass_values for categorical values"
 
@@ -64,6 +66,17 @@ def status_counts(scores: pa.Table) -> dict[tuple[str, str], int]:
     counts = scores.group_by(["evaluator", "status"]).aggregate([("status", "count")])
     return {(e, s): n for e, s, n in zip(*(counts.column(c).to_pylist() for c in
                                             ("evaluator", "status", "status_count")), strict=True)}
+
+
+def evaluators_table(
+    counts: dict[tuple[str, str], int], configs: list[EvaluatorConfig], window_start: datetime
+) -> pa.Table:
+    """EVALUATORS: each evaluator's pass / fail / error counts in the window (the trend series' inputs)."""
+    return pa.Table.from_pylist([{
+        "window_start": window_start, "evaluator": c.key, "target": c.target_label, "threshold": c.threshold,
+        "passing": counts.get((c.key, "pass"), 0), "failing": counts.get((c.key, "fail"), 0),
+        "errors": counts.get((c.key, "error"), 0), "schema_version": SCHEMA_VERSION,
+    } for c in configs], schema=EVALUATORS)
 
 
 def scores_for_analysis(scores: pa.Table, evaluators_in_rules: list[str]) -> pd.DataFrame:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import random
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -257,6 +258,26 @@ def generate_traces(
         records, truth = _one_trace(rng, seed, index, start + timedelta(seconds=offset), rates)
         out.records.extend(records)
         out.truth.append(truth)
+    return out
+
+
+def generate_windows(
+    traces_per_window: int,
+    rates: Sequence[dict[str, float] | None],
+    seed: int = 7,
+    start: datetime = SAMPLE_START,
+    window: timedelta = timedelta(hours=1),
+) -> SampleTraces:
+    """Consecutive windows of sample traces, window i with failure rates `rates[i]` (None: the defaults).
+
+    History for trend tests and benchmarks: a spike is a window whose rates are higher.
+    """
+    out = SampleTraces(records=[])
+    for i, window_rates in enumerate(rates):
+        part = generate_traces(traces_per_window, seed=seed * 100_003 + i, start=start + i * window,
+                               hours=window.total_seconds() / 3600, rates=window_rates)
+        out.records.extend(part.records)
+        out.truth.extend(part.truth)
     return out
 
 

@@ -1,10 +1,20 @@
-"""One Arrow schema per table; writers, readers and tests all use these."""
+"""One Arrow schema per table; writers, readers and tests all use these.
+
+Snapshot tables carry `schema_version`. Schemas only grow: a new version adds
+columns (or tables) and never renames, drops or narrows one, so readers read every
+old partition with the current schema, the missing columns as nulls.
+"""
 
 from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+SCHEMA_CHANGES = {
+    1: "scores, attribution, patterns, root_causes, windows",
+    2: "windows + spike, spike_json; patterns + detail (latency outlier conditions no longer carry the cutoff "
+       "in their name); new tables evaluators and spans (optional)",
+}
 
 _TS = pa.timestamp("us", tz="UTC")
 
@@ -85,6 +95,7 @@ PATTERNS = pa.schema(
         ("lift", pa.float64()),
         ("example_trace_ids", pa.list_(pa.string())),
         ("schema_version", pa.int32()),
+        ("detail", pa.string()),  # since version 2: e.g. the window's latency cutoff of an outlier condition
     ]
 )
 
@@ -112,7 +123,30 @@ WINDOWS = pa.schema(
         ("error_traces", pa.int64()),
         ("summary_json", pa.string()),
         ("schema_version", pa.int32()),
+        ("spike", pa.bool_()),  # since version 2
+        ("spike_json", pa.string()),  # since version 2: the spike object of the summary, or null
     ]
+)
+
+# One row per evaluator and window: the counts behind the failure-rate and error-rate series.
+EVALUATORS = pa.schema(
+    [
+        ("window_start", _TS),
+        ("evaluator", pa.string()),
+        ("target", pa.string()),  # root, or the span name / run type it scores
+        ("threshold", pa.float64()),
+        ("passing", pa.int64()),
+        ("failing", pa.int64()),
+        ("errors", pa.int64()),
+        ("schema_version", pa.int32()),
+    ]
+)
+
+# The window's spans, when `snapshots.spans` is on: SPANS without the work-file fields.
+SPANS_SNAPSHOT = pa.schema(
+    [("window_start", _TS)]
+    + [f for f in SPANS if f.name not in ("record_offset", "record_length")]
+    + [("schema_version", pa.int32())]
 )
 
 SNAPSHOT_TABLES = {
@@ -121,4 +155,6 @@ SNAPSHOT_TABLES = {
     "patterns": PATTERNS,
     "root_causes": ROOT_CAUSES,
     "windows": WINDOWS,
+    "evaluators": EVALUATORS,
+    "spans": SPANS_SNAPSHOT,
 }

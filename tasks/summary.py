@@ -26,7 +26,8 @@ def _records(frame: pd.DataFrame, columns: list[str]) -> list[dict[str, Any]]:
 def window_summary(
     window_start: datetime, window_end: datetime, traces: int, spans: int, skipped: int,
     status_counts: dict[tuple[str, str], int], verdicts: pd.DataFrame, configs: list[EvaluatorConfig],
-    root_causes: pd.DataFrame, patterns: pd.DataFrame, actions: dict[str, int], snapshot_uri: str,
+    root_causes: pd.DataFrame, patterns: pd.DataFrame, actions: dict[str, int], spike: dict[str, Any] | None,
+    snapshot_uri: str,
 ) -> dict[str, Any]:
     evaluators = {
         c.key: {"threshold": c.threshold,
@@ -44,9 +45,10 @@ def window_summary(
         "evaluators": evaluators,
         "failing_traces": int((verdicts["verdict"] == "fail").sum()),
         "root_causes": _records(root_causes, ["span_name", "reason", "traces", "share", "example_trace_ids"]),
-        "patterns": _records(patterns, ["condition", "kind", "span_name", "failing_traces", "fail_share",
+        "patterns": _records(patterns, ["condition", "kind", "span_name", "detail", "failing_traces", "fail_share",
                                         "pass_share", "lift", "example_trace_ids"]),
         "actions": actions,
+        "spike": spike,
         "snapshot_uri": snapshot_uri,
     }
 
@@ -74,11 +76,28 @@ def summary_text(window: dict[str, Any], top: int = 5) -> str:
         for pattern in telling[:top]:
             lift = "-" if pattern["lift"] is None else f"{pattern['lift']:.1f}x"
             lines.append(f"    {pattern['fail_share']:6.1%} of failures vs {pattern['pass_share'] or 0:6.1%} of passes "
-                         f"(lift {lift})  {pattern['condition']}")
+                         f"(lift {lift})  {pattern['condition']}"
+                         + (f" ({pattern['detail']})" if pattern.get("detail") else ""))
+    lines += spike_lines(window.get("spike"))
     a = window["actions"]
     lines.append(f"  actions: {a['planned']} planned, {a['sent']} sent, {a['skipped_duplicate']} already done, "
                  f"{a['failed']} failed")
     return "\n".join(lines)
+
+
+def spike_lines(spike: dict[str, Any] | None) -> list[str]:
+    """What spiked, by how much, against which baseline; nothing when the window is ordinary."""
+    if not spike:
+        return []
+    base = spike["baseline"]
+    lines = [f"  SPIKE against the {base['windows']} windows {base['from']} .. {base['to']}:"]
+    for s in spike["series"]:
+        lines.append(f"    {s['series']}: {s['rate']:.1%} vs baseline {s['baseline_rate']:.1%} "
+                     f"({s['ratio']:.1f}x, z={s['z']:.1f}, p={s['p_value']:.1e}, {s['failing']}/{s['total']})")
+    for mode in spike["new_failure_modes"]:
+        lines.append(f"    new failure mode {mode['series']}: {mode['share']:.1%} of failures "
+                     f"(at most {mode['baseline_max_share']:.1%} before)")
+    return lines
 
 
 def summary_markdown(window: dict[str, Any]) -> str:

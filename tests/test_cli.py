@@ -32,11 +32,12 @@ def test_run_json_prints_one_document_with_the_promised_fields(runs, tmp_path, c
     document = json.loads(capsys.readouterr().out)
     (window,) = document["windows"]
     assert set(window) == {"window_start", "window_end", "traces", "spans", "skipped_records", "evaluators",
-                           "failing_traces", "root_causes", "patterns", "actions", "snapshot_uri"}
+                           "failing_traces", "root_causes", "patterns", "actions", "spike", "snapshot_uri"}
     assert window["traces"] == 300
+    assert window["spike"] is None  # a first window has no baseline
     assert set(window["evaluators"]["answer_grounded"]) == {"threshold", "pass", "fail", "error"}
     assert set(window["root_causes"][0]) == {"span_name", "reason", "traces", "share", "example_trace_ids"}
-    assert set(window["patterns"][0]) == {"condition", "kind", "span_name", "failing_traces", "fail_share",
+    assert set(window["patterns"][0]) == {"condition", "kind", "span_name", "detail", "failing_traces", "fail_share",
                                           "pass_share", "lift", "example_trace_ids"}
     assert window["actions"]["sent"] == window["failing_traces"]
     assert window["snapshot_uri"].startswith("file://")

@@ -1,0 +1,49 @@
+"""The trend_report flow: the trend table and chart of the snapshots, as Prefect artifacts. Wiring only."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from tasks.config import LoopConfig
+from tasks.report import TrendReport, report_period, trend_report
+from tasks.snapshot import open_store
+
+DEFAULT_OUT = ".tracetriage"
+
+
+@task(name="trend-report", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def report_task(config: LoopConfig, since: str, out: str) -> TrendReport:
+    return trend_report(open_store(config.snapshots, Path(out) / "snapshots"), since, config.spikes)
+
+
+@task(name="publish-trend-report", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def publish_report(report: TrendReport, chart_path: str) -> None:
+    rows = report.table.astype(object).where(report.table.notna(), None).to_dict("records")
+    create_table_artifact(table=rows, key="trend-table", description=f"Trend series, {report_period(report)}")
+    image = base64.b64encode(report.chart_png).decode()
+    spikes = [f"- {row.window_start:%Y-%m-%d %H:%M}: **{row.series}** at {row.rate:.1%}"
+              for row in report.spikes.itertuples()] or ["- none"]
+    create_markdown_artifact(
+        key="trend-report", description=f"Failure rate and top failure modes, {report_period(report)}",
+        markdown="\n".join([f"# Trends: {report_period(report)}", "", f"![trend chart](data:image/png;base64,{image})",
+                            "", f"Chart file: `{chart_path}`", "", "## Spikes", "", *spikes]),
+    )
+
+
+@flow(name="trend-report", log_prints=True)
+def trend_report_flow(config: LoopConfig | None = None, since: str = "7d", out: str = DEFAULT_OUT) -> dict[str, Any]:
+    """The series of the windows since `since` (a duration back from the latest window, or an ISO time)."""
+    config = config or LoopConfig()
+    report = report_task(config, since, out)
+    chart = Path(out) / "trend.png"
+    chart.parent.mkdir(parents=True, exist_ok=True)
+    chart.write_bytes(report.chart_png)
+    publish_report(report, str(chart))
+    print(f"trend report, {report_period(report)}: {report.spiking_windows} windows spiked; chart {chart}")
+    return {"windows": report.windows, "spiking_windows": report.spiking_windows, "chart": str(chart)}

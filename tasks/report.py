@@ -1,0 +1,139 @@
+"""The trend report: a table of the series per window and a chart, from snapshots only."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import pandas as pd
+
+from tasks.config import SpikeConfig, parse_duration
+from tasks.snapshot import SnapshotStore
+from tasks.trends import new_failure_modes, read_series, spike_checks
+
+TOP_MODES = 4
+
+
+@dataclass
+class TrendReport:
+    table: pd.DataFrame  # one row per window
+    spikes: pd.DataFrame  # the spiking (window, series) checks and new failure modes
+    chart_png: bytes
+    windows: int
+
+    @property
+    def spiking_windows(self) -> int:
+        return int(self.spikes["window_start"].nunique())
+
+
+def since_start(since: str, latest: datetime) -> datetime:
+    """`--since`: an ISO time, or a duration back from the latest window (`7d`, `36h`)."""
+    with contextlib.suppress(ValueError):
+        return latest - parse_duration(since)
+    try:
+        moment = datetime.fromisoformat(since)
+    except ValueError:
+        raise ValueError(f"--since {since!r} is neither a duration like 7d nor an ISO time") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def trend_report(store: SnapshotStore, since: str, spikes: SpikeConfig) -> TrendReport:
+    """Series of the windows since `since`; spikes checked against baselines that may start before it."""
+    every = store.windows("windows")
+    if not every:
+        raise ValueError(f"no snapshots in {store.url}; run `tracetriage run` first or check snapshots.url")
+    start = since_start(since, every[-1])
+    shown = [w for w in every if w >= start]
+    first = every.index(shown[0])
+    series = read_series(store, every[max(0, first - spikes.baseline_windows):])
+    checks = spike_checks(series, spikes)
+    modes = new_failure_modes(series, spikes)
+    at = pd.Timestamp(shown[0])
+    checks, modes = checks[checks["window_start"] >= at], modes[modes["window_start"] >= at]
+    series = series[series["window_start"] >= at]
+    flagged = pd.concat([checks.loc[checks["spike"], ["window_start", "series", "rate", "baseline_rate"]],
+                         modes[["window_start", "series", "rate"]].assign(baseline_rate=0.0)], ignore_index=True)
+    table = trend_table(series, flagged)
+    return TrendReport(table=table, spikes=flagged, chart_png=trend_chart(series, flagged), windows=len(shown))
+
+
+def top_modes(series: pd.DataFrame, top: int = TOP_MODES) -> list[str]:
+    """The root causes with the most failing traces over the period."""
+    causes = series[series["kind"] == "root_cause"]
+    return causes.groupby("series")["count"].sum().sort_values(ascending=False).index[:top].tolist()
+
+
+REASONS = {"below_threshold": "low score", "error": "error", "no_upstream_cause": "no upstream cause"}
+
+
+def mode_label(series: str) -> str:
+    """`root_cause:rerank (below_threshold)` as `rerank low score`."""
+    span, _, reason = series.removeprefix("root_cause:").rstrip(")").partition(" (")
+    return f"{span} {REASONS.get(reason, reason)}"
+
+
+def trend_table(series: pd.DataFrame, flagged: pd.DataFrame) -> pd.DataFrame:
+    """Per window: traces, failure rate, each root cause's share of failures, evaluator error rate, spike."""
+    overall = series[series["kind"] == "failure_rate"].set_index("window_start")
+    table = pd.DataFrame({"traces": overall["total"], "failing": overall["count"], "failure_rate": overall["rate"]})
+    errors = series[series["kind"] == "evaluator_error_rate"]
+    if len(errors):
+        judged = errors.groupby("window_start")[["count", "total"]].sum()
+        table["evaluator_error_rate"] = judged["count"] / judged["total"]
+    modes = series[series["series"].isin(top_modes(series))]
+    shares = modes.pivot(index="window_start", columns="series", values="rate").fillna(0.0)
+    table = table.join(shares.rename(columns=mode_label))
+    spiking = flagged.groupby("window_start")["series"].agg(
+        lambda s: sorted(s)[0] + (f" (+{len(s) - 1})" if len(s) > 1 else ""))
+    table["spike"] = spiking.reindex(table.index).fillna("")
+    table.index = table.index.strftime("%Y-%m-%d %H:%M")
+    table.index.name = "window"
+    return table.reset_index()
+
+
+def format_table(table: pd.DataFrame) -> str:
+    shown = table.copy()
+    for column in shown.columns:
+        if column not in ("window", "traces", "failing", "spike"):
+            shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else f"{v:.1%}")
+    return shown.to_string(index=False)
+
+
+def trend_chart(series: pd.DataFrame, flagged: pd.DataFrame) -> bytes:
+    """PNG: failure rate over time with spikes marked, and the top failure modes' shares."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    overall = series[series["kind"] == "failure_rate"].set_index("window_start")["rate"]
+    fig, (rate_ax, modes_ax) = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True, constrained_layout=True)
+    rate_ax.plot(overall.index, overall.to_numpy() * 100, color="#1f5fa8", linewidth=1.4, label="failure rate")
+    spiked = overall[overall.index.isin(flagged["window_start"])]
+    rate_ax.scatter(spiked.index, spiked.to_numpy() * 100, color="#d62728", zorder=3, s=36, label="spike")
+    rate_ax.set_ylabel("failing traces (%)")
+    rate_ax.set_ylim(bottom=0)
+    rate_ax.legend(loc="upper left")
+    rate_ax.set_title("Failure rate per window")
+    for mode in top_modes(series):
+        share = series[series["series"] == mode].set_index("window_start")["rate"].reindex(overall.index).fillna(0)
+        modes_ax.plot(share.index, share.to_numpy() * 100, linewidth=1.2, label=mode_label(mode))
+    for moment in spiked.index:
+        for ax in (rate_ax, modes_ax):
+            ax.axvline(moment, color="#d62728", alpha=0.25, linewidth=3)
+    modes_ax.set_ylabel("share of failures (%)")
+    modes_ax.set_ylim(0, 100)
+    modes_ax.set_title("Top failure modes (root causes)")
+    modes_ax.legend(loc="upper left", fontsize=8, ncol=2)
+    fig.autofmt_xdate()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def report_period(report: TrendReport) -> str:
+    first, last = report.table["window"].iloc[0], report.table["window"].iloc[-1]
+    return f"{report.windows} windows, {first} .. {last} UTC"

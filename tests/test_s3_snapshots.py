@@ -1,0 +1,68 @@
+"""Snapshots on S3: a local moto server, reached through fsspec (s3fs) and a SnapshotStorage block."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pandas as pd
+import pytest
+
+from blocks.storage import SnapshotStorage
+from flows.triage import triage
+from tasks.config import FileSource, LoopConfig, SnapshotConfig
+from tasks.sample import DEFAULT_RATES, generate_windows, write_sample
+from tasks.snapshot import SnapshotStore
+from tasks.trends import new_failure_modes, read_series, spike_checks
+
+# Credentials for the local server only; never let boto look further (instance metadata, profiles).
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+KEY, SECRET = "moto-test-key", "moto-test-secret-canary-7f3e"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    import s3fs
+
+    s3fs.S3FileSystem(key=KEY, secret=SECRET, endpoint_url=endpoint).mkdir("snapshots-bucket")
+    yield endpoint
+    server.stop()
+
+
+def test_s3_snapshots_give_the_same_trends_as_local_ones(s3_endpoint, tmp_path):
+    rates = [DEFAULT_RATES] * 7 + [{**DEFAULT_RATES, "tool_error": 0.3}]
+    source = tmp_path / "runs.jsonl"
+    write_sample(source, generate_windows(200, rates, seed=21))
+    SnapshotStorage(url="s3://snapshots-bucket/loop", storage_options={"endpoint_url": s3_endpoint},
+                    secret_options={"key": KEY, "secret": SECRET}).save("moto-snapshots", overwrite=True)
+    results = {}
+    for where, snapshots in {"local": SnapshotConfig(), "s3": SnapshotConfig(block="moto-snapshots")}.items():
+        config = LoopConfig(source=FileSource(path=str(source)), eval_workers=1, snapshots=snapshots)
+        results[where] = triage(config=config, out=str(tmp_path / where))
+
+    s3 = SnapshotStorage.load("moto-snapshots").get_store()
+    local = SnapshotStore(str(tmp_path / "local" / "snapshots"))
+    assert s3.windows("scores") == local.windows("scores") and len(s3.windows("scores")) == 8
+    s3_series, local_series = read_series(s3), read_series(local)
+    pd.testing.assert_frame_equal(s3_series, local_series)
+    config = LoopConfig()
+    pd.testing.assert_frame_equal(spike_checks(s3_series, config.spikes), spike_checks(local_series, config.spikes))
+    pd.testing.assert_frame_equal(new_failure_modes(s3_series, config.spikes),
+                                  new_failure_modes(local_series, config.spikes))
+    assert [w["spike"] is not None for w in results["s3"]["windows"]] == [False] * 7 + [True]
+    assert results["s3"]["windows"][-1]["snapshot_uri"] == "s3://snapshots-bucket/loop"
+    # The block's secret stays in the block: not in summaries (nor, through them, in artifacts or snapshots).
+    windows = s3.read("windows", ["summary_json", "spike_json"]).to_pandas()
+    assert SECRET not in str(results["s3"]) and not windows.apply(lambda c: c.str.contains(SECRET)).any().any()
