@@ -1,5 +1,6 @@
 """tracetriage's Prefect blocks; `prefect block register -m blocks` registers them all."""
 
+from blocks.langsmith import LangSmithCredentials
 from blocks.storage import SnapshotStorage
 
-__all__ = ["SnapshotStorage"]
+__all__ = ["LangSmithCredentials", "SnapshotStorage"]

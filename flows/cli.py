@@ -16,7 +16,8 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tasks.config import ConfigError, FileSource, SnapshotConfig, load_config
+from tasks.config import ConfigError, FileSource, LangSmithSource, SnapshotConfig, load_config
+from tasks.langsmith import LangSmithFetchError, LangSmithSourceError
 
 
 def _moment(text: str) -> datetime:
@@ -33,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="triage windows of traces (the sample traces by default)")
     run.add_argument("--config", type=Path, help="loop config YAML (see README)")
-    run.add_argument("--source", help="JSONL or Parquet file of LangSmith run records (overrides the config)")
+    run.add_argument("--source", help="JSONL or Parquet file of LangSmith run records, or langsmith:PROJECT "
+                                     "(overrides the config)")
     run.add_argument("--start", type=_moment, help="first window to triage (ISO time, UTC if no zone)")
     run.add_argument("--end", type=_moment, help="triage windows starting before this time")
     run.add_argument("--out", default=".tracetriage", help="output directory (default: ./.tracetriage)")
@@ -87,12 +89,18 @@ def _progress_bar():
 def run_command(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config) if args.config else load_config(data={})
-        if args.source:
+        if args.source and args.source.startswith("langsmith:"):
+            project = args.source.removeprefix("langsmith:")
+            current = config.source if isinstance(config.source, LangSmithSource) else None
+            source = (current.model_copy(update={"project": project}) if current
+                      else LangSmithSource(project=project))
+            config = config.model_copy(update={"source": source})
+        elif args.source:
             config = config.model_copy(update={"source": FileSource(path=args.source)})
         from flows.triage import triage, validate
 
         validate(config)
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, ValueError, FileNotFoundError, LangSmithSourceError) as exc:
         print(f"tracetriage: {exc}", file=sys.stderr)
         return 2
     if args.start and args.end and args.start >= args.end:
@@ -102,7 +110,7 @@ def run_command(args: argparse.Namespace) -> int:
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext(), _progress_bar():
         try:
             result = triage(config=config, start=args.start, end=args.end, out=args.out)
-        except (ValueError, FileNotFoundError) as exc:
+        except (ValueError, FileNotFoundError, LangSmithSourceError, LangSmithFetchError) as exc:
             print(f"tracetriage: {exc}", file=sys.stderr)
             return 1
     if args.json:

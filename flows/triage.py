@@ -17,11 +17,12 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from tasks.aggregate import aggregate_task, patterns_table, root_causes_table
 from tasks.attribute import SPAN_COLUMNS, attribute_task, attribution_table
 from tasks.cache import stable_hash, work_epoch
-from tasks.config import FileSource, LoopConfig
+from tasks.config import FileSource, LangSmithSource, LoopConfig
 from tasks.dispatch import dispatch_task
 from tasks.evaluate import evaluate_task, evaluation_workers, start_evaluation_workers
 from tasks.evaluators import import_ref
-from tasks.fetch import SourceSpans, WindowSpans, fetch_task, source_fingerprint, source_path
+from tasks.fetch import SourceSpans, WindowSpans, fetch_task, langsmith_fetch_task, source_fingerprint, source_path
+from tasks.langsmith import langsmith_client, meta_path, project_id, window_range
 from tasks.partition import evaluators_table, partition_task, scores_for_analysis, status_counts
 from tasks.progress import track_batches
 from tasks.schemas import SCHEMA_VERSION, WINDOWS
@@ -29,24 +30,40 @@ from tasks.scoring import bind_all, metadata_path
 from tasks.snapshot import open_store, snapshot_task, spans_snapshot
 from tasks.summary import publish_artifacts, summary_text, window_summary
 from tasks.trends import spike_task, window_series
+from tasks.writeback import LangSmithWriter
 
 DEFAULT_OUT = ".tracetriage"
 WORKERS = int(os.environ.get("TRACETRIAGE_WORKERS", "4"))
 
 
 def validate(config: LoopConfig) -> LoopConfig:
-    """Everything that can be checked before a side effect: the source, evaluators, action functions."""
+    """Everything that can be checked before a side effect: the source, evaluators, action functions,
+    LangSmith credentials and project."""
     if isinstance(config.source, FileSource) and not Path(config.source.path).expanduser().exists():
         raise FileNotFoundError(f"source file {config.source.path} does not exist; check source.path or --source")
     bind_all(config.evaluators)
     for action in config.actions:
         if action.ref:
             import_ref(action.ref, what="action function")
+    if isinstance(config.source, LangSmithSource):
+        project_id(langsmith_client(config.source.credentials), config.source.project)
+    elif any(a.writes_to_langsmith for a in config.actions):
+        langsmith_client(None)
     return config
 
 
+def langsmith_writer(config: LoopConfig) -> LangSmithWriter | None:
+    """The write-back for the rules that write to LangSmith (built in the window, never passed as a parameter:
+    it holds the API key)."""
+    if not any(a.writes_to_langsmith for a in config.actions):
+        return None
+    credentials = config.source.credentials if isinstance(config.source, LangSmithSource) else None
+    return LangSmithWriter(langsmith_client(credentials))
+
+
 @flow(name="triage-window", task_runner=ThreadPoolTaskRunner(max_workers=WORKERS), log_prints=True)
-def triage_window(config: LoopConfig, window: WindowSpans, source_token: str, out: str) -> dict[str, Any]:
+def triage_window(config: LoopConfig, window: WindowSpans, source_token: str, out: str,
+                  trace_url: str | None = None) -> dict[str, Any]:
     """Triage one window: evaluate in batches, partition, attribute, aggregate, check for a spike, snapshot,
     dispatch."""
     out_dir = Path(out)
@@ -88,9 +105,10 @@ def triage_window(config: LoopConfig, window: WindowSpans, source_token: str, ou
         tables["spans"] = spans_snapshot(window.path, window_start)
     snapshot = snapshot_task.submit(store, window_start, tables)  # written while dispatch runs
     actions = dispatch_task(config, window_start, scores, verdicts, attribution, spike, str(out_dir / "ledger.jsonl"),
-                            str(out_dir / "actions.jsonl"), window.path).as_dict()
+                            str(out_dir / "actions.jsonl"), window.path, langsmith_writer(config)).as_dict()
     summary = window_summary(window_start, window_end, window.traces, window.spans, window.orphans, counts,
-                             verdicts, config.evaluators, root_causes, patterns, actions, spike, snapshot.result())
+                             verdicts, config.evaluators, root_causes, patterns, actions, spike, snapshot.result(),
+                             trace_url)
     snapshot_task(store, window_start, {"windows": windows_row(summary, verdicts, window_start, window_end)})
     publish_artifacts(summary)
     print(summary_text(summary))
@@ -122,8 +140,17 @@ def triage(
     start_evaluation_workers(evaluation_workers(config.eval_workers))  # they import while the source loads
     logger = get_run_logger()
     out_dir = Path(out)
-    source_file = source_path(config.source, out_dir)
     epoch = work_epoch(out_dir / "work")
+    if isinstance(config.source, LangSmithSource):
+        start, end = window_range(start, end, config.window.size_delta, config.window.lag_delta)
+        fetched_at = stable_hash(config.source.model_dump(), start, end)
+        final = datetime.now(UTC) >= end + config.window.lag_delta
+        source_file = Path(langsmith_fetch_task(config.source, start, end,
+                                                str(out_dir / "work" / "langsmith" / f"{fetched_at}.jsonl"),
+                                                stable_hash(fetched_at, epoch) if final else None))
+        trace_url = orjson.loads(meta_path(source_file).read_bytes())["trace_url"]
+    else:
+        source_file, trace_url = source_path(config.source, out_dir), None
     source_token = stable_hash(source_fingerprint(source_file), config.window.size, config.batch_size, epoch)
     fetched: SourceSpans = fetch_task(
         str(source_file), config.window.size_delta, config.batch_size,
@@ -133,5 +160,5 @@ def triage(
                and (end is None or w.window_start < end)]
     logger.info("%d windows of %s to triage (%d records skipped while reading)",
                 len(windows), source_file, sum(v["count"] for v in fetched.skipped.values()))
-    results = [triage_window(config, window, source_token, out) for window in windows]
+    results = [triage_window(config, window, source_token, out, trace_url) for window in windows]
     return {"source": str(source_file), "skipped": fetched.skipped, "windows": results}

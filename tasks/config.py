@@ -48,7 +48,41 @@ class SampleSource(_Strict):
     hours: int = Field(3, ge=1, description="The traces' root start times are spread over this many hours.")
 
 
-Source = Annotated[FileSource | SampleSource, Field(discriminator="kind")]
+class RateLimit(_Strict):
+    requests: int = Field(15, ge=1, description="Run-query requests allowed in each `per` period.")
+    per: str = Field("10s", description="The period (LangSmith Cloud allows 15 run queries per 10 s per API key).")
+
+    @property
+    def per_seconds(self) -> float:
+        return parse_duration(self.per).total_seconds()
+
+
+class LangSmithSource(_Strict):
+    """Runs of a LangSmith tracing project, fetched through the langsmith SDK."""
+
+    kind: Literal["langsmith"] = "langsmith"
+    project: str = Field(description="Tracing project (session) name.")
+    filter: str | None = Field(None, description="LangSmith filter on every run, e.g. 'eq(run_type, \"llm\")'.")
+    trace_filter: str | None = Field(None, description="LangSmith filter on each run's root, e.g. "
+                                                       "'eq(status, \"success\")'.")
+    api: Literal["auto", "v2", "v1"] = Field(
+        "auto", description="'v2' POST /v2/runs/query; 'v1' POST /runs/query for older self-hosted backends; "
+                            "'auto' v2 when the backend has it.")
+    grace: str = Field("15m", description="Spans starting this long after the window end still complete their "
+                                          "trace (long-running agents need more).")
+    page_size: int = Field(1000, ge=1, le=1000, description="Runs per v2 page (v1 pages are at most 100).")
+    rate_limit: RateLimit = Field(default_factory=RateLimit, description="Client-side pace of run queries.")
+    credentials: str | None = Field(None, description="Name of a LangSmithCredentials block; else the "
+                                                      "LANGSMITH_* environment variables.")
+
+    @field_validator("grace")
+    @classmethod
+    def _grace_is_duration(cls, value: str) -> str:
+        parse_duration(value)
+        return value
+
+
+Source = Annotated[FileSource | SampleSource | LangSmithSource, Field(discriminator="kind")]
 
 
 class WindowConfig(_Strict):
@@ -180,15 +214,31 @@ class When(_Strict):
 
 class ActionConfig(_Strict):
     when: When
-    do: Literal["log", "call"] = Field(description="'log': the local action log; 'call': a Python function.")
+    do: Literal["log", "call", "feedback", "annotation_queue", "dataset"] = Field(
+        description="'log': the local action log; 'call': a Python function; 'feedback': LangSmith feedback on the "
+                    "run; 'annotation_queue': a LangSmith review queue; 'dataset': LangSmith dataset examples.")
     ref: str | None = Field(None, description="For do: call, the function 'package.module:function'.")
     name: str | None = Field(None, description="Action name used in its id; defaults to `do` and its index.")
+    key: str | None = Field(None, description="For do: feedback, the feedback key; default the rule's evaluator.")
+    on_culprit: bool = Field(False, description="For do: feedback, also give feedback on the culprit span.")
+    queue: str | None = Field(None, description="For do: annotation_queue, the queue's name (created if missing).")
+    rubric: str | None = Field(None, description="For do: annotation_queue, rubric instructions of a new queue.")
+    dataset: str | None = Field(None, description="For do: dataset, the dataset's name (created if missing).")
 
     @model_validator(mode="after")
-    def _call_has_ref(self) -> ActionConfig:
-        if self.do == "call" and not self.ref:
-            raise ValueError("`do: call` needs `ref: package.module:function`")
+    def _has_its_target(self) -> ActionConfig:
+        needs = {"call": ("ref", "package.module:function"), "annotation_queue": ("queue", "NAME"),
+                 "dataset": ("dataset", "NAME")}
+        if self.do in needs and not getattr(self, needs[self.do][0]):
+            field, example = needs[self.do]
+            raise ValueError(f"`do: {self.do}` needs `{field}: {example}`")
+        if self.when.spike and self.do in ("feedback", "annotation_queue", "dataset"):
+            raise ValueError(f"`do: {self.do}` acts on runs; `when: {{spike: true}}` is about a window")
         return self
+
+    @property
+    def writes_to_langsmith(self) -> bool:
+        return self.do in ("feedback", "annotation_queue", "dataset")
 
 
 class SnapshotConfig(_Strict):
@@ -311,8 +361,8 @@ class ConfigError(ValueError):
 
 def _all_field_names() -> set[str]:
     names: set[str] = set()
-    for cls in (LoopConfig, FileSource, SampleSource, WindowConfig, SpanTarget, EvaluatorConfig, When,
-                ActionConfig, SnapshotConfig, SpikeConfig):
+    for cls in (LoopConfig, FileSource, SampleSource, LangSmithSource, RateLimit, WindowConfig, SpanTarget,
+                EvaluatorConfig, When, ActionConfig, SnapshotConfig, SpikeConfig):
         names.update(cls.model_fields)
     return names
 

@@ -30,7 +30,9 @@ from tasks.config import LoopConfig, When
 from tasks.evaluators import import_ref
 from tasks.records import RecordFile
 from tasks.scoring import RunRows, records_path
+from tasks.writeback import LangSmithWriter
 
+WRITE_BACK = ("feedback", "annotation_queue", "dataset")
 ACTION_NAMESPACE = uuid.UUID("0b6a3f0e-4f7e-4c1f-9f55-2f0e8d1c7a11")
 
 
@@ -183,7 +185,7 @@ def root_runs(window_spans_path: str, trace_ids: set[str]) -> dict[str, Any]:
 
 def dispatch_actions(
     config: LoopConfig, planned: list[dict[str, Any]], ledger: Ledger, action_log: ActionLog,
-    window_spans_path: str,
+    window_spans_path: str, writer: LangSmithWriter | None = None,
 ) -> DispatchCounts:
     """Carry out planned actions not yet sent; returns the counts.
 
@@ -206,8 +208,22 @@ def dispatch_actions(
         counts.sent += len(logged)
 
     calls = [p for p in todo if p["do"] == "call"]
+    remote = [p for p in todo if p["do"] in WRITE_BACK]
     rules = {config.action_name(i): rule for i, rule in enumerate(config.actions)}
-    runs = root_runs(window_spans_path, {p["trace_id"] for p in calls if p["trace_id"]})
+    runs = root_runs(window_spans_path, {p["trace_id"] for p in calls + remote if p["trace_id"]})
+    for name in dict.fromkeys(p["action"] for p in remote):
+        records = [p for p in remote if p["action"] == name]
+        rule = rules[name]
+        if writer is None:
+            outcomes = [("failed", "no LangSmith client: set LANGSMITH_API_KEY or source.credentials")] * len(records)
+        else:
+            outcomes = getattr(writer, rule.do)(rule, records, runs)
+        for state in ("sent", "failed"):
+            ledger.record_many([{"action_id": r["action_id"], ("response" if state == "sent" else "error"): detail}
+                                for r, (got, detail) in zip(records, outcomes, strict=True) if got == state], state)
+        sent = sum(got == "sent" for got, _ in outcomes)
+        counts.sent += sent
+        counts.failed += len(records) - sent
     for record in calls:
         try:
             response = _call_action(rules[record["action"]].ref, record, runs.get(record["trace_id"]))
@@ -230,7 +246,8 @@ def _json_safe(value: Any) -> Any:
 def dispatch_task(
     config: LoopConfig, window_start: datetime, scores: pd.DataFrame, verdicts: pd.DataFrame,
     attribution: pd.DataFrame, spike: dict[str, Any] | None, ledger_path: str, action_log_path: str,
-    window_spans_path: str,
+    window_spans_path: str, writer: LangSmithWriter | None = None,
 ) -> DispatchCounts:
     planned = planned_actions(config, window_start, scores, verdicts, attribution, spike)
-    return dispatch_actions(config, planned, Ledger(ledger_path), ActionLog(action_log_path), window_spans_path)
+    return dispatch_actions(config, planned, Ledger(ledger_path), ActionLog(action_log_path), window_spans_path,
+                            writer)

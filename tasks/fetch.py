@@ -20,11 +20,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.tasks import exponential_backoff
 
 from tasks.cache import stable_hash, stage_cache_key
-from tasks.config import FileSource, SampleSource
+from tasks.config import FileSource, LangSmithSource, SampleSource
+from tasks.langsmith import FetchStats, LangSmithSourceError, fetch_runs, langsmith_client
+from tasks.progress import report
 from tasks.records import RECORDS_KEY, Skipped, load_spans
 from tasks.sample import generate_traces, write_sample
 
@@ -156,3 +158,32 @@ def fetch_task(
     source_file: str, size: timedelta, batch_size: int, out_dir: str, cache_token: str | None
 ) -> SourceSpans:
     return fetch_windows(source_file, size, batch_size, out_dir)
+
+
+def _not_a_config_error(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry transient fetch failures, not a missing project or a rejected key."""
+    try:
+        state.result()
+    except LangSmithSourceError:
+        return False
+    except Exception:  # noqa: BLE001
+        return True
+    return False
+
+
+@task(name="fetch-langsmith", cache_key_fn=stage_cache_key, persist_result=True, retry_condition_fn=_not_a_config_error,
+      **_RETRY)
+def langsmith_fetch_task(
+    source: LangSmithSource, start: datetime, end: datetime, out_path: str, cache_token: str | None
+) -> str:
+    """A LangSmith project's runs of the windows in `[start, end)`, as a run-records file."""
+    logger = get_run_logger()
+
+    def on_page(stats: FetchStats) -> None:
+        report(f"fetch {source.project}", stats.runs, stats.runs)
+        logger.info("fetched %d runs from LangSmith (%s API, %d requests)", stats.runs, stats.api, stats.requests)
+
+    stats = fetch_runs(langsmith_client(source.credentials), source, start, end, Path(out_path), on_page=on_page)
+    logger.info("LangSmith %s: %d runs of %s .. %s in %d requests (%d retried, %d rate-limited)", stats.api,
+                stats.runs, start.isoformat(), end.isoformat(), stats.requests, stats.retries, stats.rate_limited)
+    return out_path

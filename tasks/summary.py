@@ -27,8 +27,9 @@ def window_summary(
     window_start: datetime, window_end: datetime, traces: int, spans: int, skipped: int,
     status_counts: dict[tuple[str, str], int], verdicts: pd.DataFrame, configs: list[EvaluatorConfig],
     root_causes: pd.DataFrame, patterns: pd.DataFrame, actions: dict[str, int], spike: dict[str, Any] | None,
-    snapshot_uri: str,
+    snapshot_uri: str, trace_url: str | None = None,
 ) -> dict[str, Any]:
+    """The window's JSON summary; with `trace_url` (a LangSmith source), example traces come with their links."""
     evaluators = {
         c.key: {"threshold": c.threshold,
                 **{s: int(status_counts.get((c.key, s), 0)) for s in ("pass", "fail", "error")}}
@@ -36,7 +37,7 @@ def window_summary(
     }
     patterns = patterns.assign(example_trace_ids=patterns["example_trace_ids"].map(list))
     root_causes = root_causes.assign(example_trace_ids=root_causes["example_trace_ids"].map(list))
-    return {
+    summary = {
         "window_start": window_start.isoformat(),
         "window_end": window_end.isoformat(),
         "traces": traces,
@@ -51,6 +52,10 @@ def window_summary(
         "spike": spike,
         "snapshot_uri": snapshot_uri,
     }
+    if trace_url:
+        for item in summary["root_causes"] + summary["patterns"]:
+            item["example_trace_urls"] = [f"{trace_url}{t}?trace_id={t}" for t in item["example_trace_ids"]]
+    return summary
 
 
 def summary_text(window: dict[str, Any], top: int = 5) -> str:
@@ -105,7 +110,9 @@ def summary_markdown(window: dict[str, Any]) -> str:
     if window["root_causes"]:
         lines += ["## Example failing traces", ""]
         for cause in window["root_causes"][:TOP]:
-            ids = ", ".join(f"`{t}`" for t in cause["example_trace_ids"])
+            urls = cause.get("example_trace_urls") or [None] * len(cause["example_trace_ids"])
+            ids = ", ".join(f"[`{t}`]({u})" if u else f"`{t}`" for t, u in zip(cause["example_trace_ids"], urls,
+                                                                                  strict=True))
             lines.append(f"- **{cause['span_name']}** ({cause['reason']}): {ids}")
     lines += ["", f"Snapshot: {window['snapshot_uri']}"]
     return "\n".join(lines)

@@ -234,9 +234,13 @@ def test_trend_report_flow_publishes_the_table_and_chart(history, tmp_path):
         since="30h", out=str(tmp_path))
     assert result["windows"] == 30 and result["spiking_windows"] == 1
     assert Path(result["chart"]).read_bytes()[:4] == b"\x89PNG"
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    wanted = ["trend-table", "trend-report"]
     with get_client(sync_client=True) as client:
-        keys = {a.key for a in client.read_artifacts()}
-    assert {"trend-table", "trend-report"} <= keys
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=wanted)))
+    keys = {a.key for a in found}
+    assert keys == set(wanted)
 
 
 def test_duckdb_and_polars_read_the_snapshots_as_the_readme_shows(history):

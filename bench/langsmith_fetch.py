@@ -1,0 +1,129 @@
+"""Benchmark: a LangSmith window through tracetriage vs the hand-written loop of langsmith-sdk #2907.
+
+    .venv/bin/python bench/langsmith_fetch.py [--traces 2000] [--latency 0.05] [--time-factor 1.0]
+
+Both talk HTTP to the LangSmith-compatible test server (tests/langsmith_server.py),
+which holds `--traces` sample traces in one hour, adds `--latency` seconds to every
+request and enforces LangSmith Cloud's rate limits per API key (run queries 15 / 10 s,
+feedback 2,000 / 10 s, others 1,000 / 10 s; `--time-factor` < 1 shortens the windows).
+
+- tracetriage: the triage flow with a LangSmith source and `do: feedback` on every
+  failing trace (fetch, evaluate, attribute, ..., write-back).
+- baseline: root runs via `list_runs`, then the children of each trace with one
+  `list_runs(trace_id=...)` each, then `create_feedback` per failing run (the same
+  failing runs tracetriage found), serially, as #2907's users write it today.
+
+Prints, for both: requests made by route, wall time, and the run-query requests against
+the floor `ceil(spans / page_size)` (page size 1,000 for v2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+import warnings
+from datetime import timedelta
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ["LANGSMITH_TRACING"] = "false"
+
+KEY = "bench-key"
+PROJECT = "bench-project"
+
+
+def tracetriage(server, out: Path) -> tuple[float, list[str]]:
+    from flows.triage import triage
+    from tasks.config import ActionConfig, LangSmithSource, LoopConfig, When
+    from tasks.sample import SAMPLE_START
+
+    config = LoopConfig(name="bench", source=LangSmithSource(project=PROJECT),
+                        actions=[ActionConfig(when=When(failing=True), do="feedback", name="feedback")])
+    t = time.perf_counter()
+    result = triage(config=config, start=SAMPLE_START, end=SAMPLE_START + timedelta(hours=1), out=str(out))
+    elapsed = time.perf_counter() - t
+    (window,) = result["windows"]
+    assert window["actions"]["failed"] == 0, window["actions"]
+    failing = sorted({f["run_id"] for f in server.feedback})
+    return elapsed, failing
+
+
+def baseline(failing: list[str]) -> float:
+    """The #2907 script: roots, children per trace, feedback per failing run; one request at a time."""
+    from langsmith import Client
+
+    from tasks.sample import SAMPLE_START
+
+    client = Client(api_url=os.environ["LANGSMITH_ENDPOINT"], api_key=KEY, auto_batch_tracing=False)
+    t = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        roots = list(client.list_runs(project_name=PROJECT, is_root=True, start_time=SAMPLE_START))
+        spans = 0
+        for i, root in enumerate(roots):
+            spans += len(list(client.list_runs(project_name=PROJECT, trace_id=root.trace_id)))
+            if i % 200 == 0:
+                print(f"  baseline: children of {i}/{len(roots)} traces, {time.perf_counter() - t:.0f} s", flush=True)
+        for run_id in failing:
+            client.create_feedback(run_id, key="tracetriage_failure", score=0.0, feedback_source_type="model",
+                                   session_id=roots[0].session_id)
+    print(f"  baseline read {len(roots)} roots and {spans} spans")
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--traces", type=int, default=2000)
+    parser.add_argument("--latency", type=float, default=0.05)
+    parser.add_argument("--time-factor", type=float, default=1.0)
+    parser.add_argument("--skip-baseline", action="store_true")
+    args = parser.parse_args()
+
+    import tempfile
+
+    from prefect.testing.utilities import prefect_test_harness
+
+    from tasks.sample import SAMPLE_START, generate_traces
+    from tests.langsmith_server import LangSmithTestServer
+
+    records = generate_traces(args.traces, seed=2907, start=SAMPLE_START, hours=1).records
+    spans = len(records)
+    floor = math.ceil(spans / 1000)
+    print(f"{args.traces:,} traces, {spans:,} spans; latency {args.latency * 1000:.0f} ms per request; "
+          f"rate limits x{args.time_factor:g} of LangSmith Cloud's")
+    print(f"run-query floor: ceil({spans:,} / 1000) = {floor} queries "
+          f"({math.ceil(floor / 15) - 1} rate-limit waits of {10 * args.time_factor:g} s)")
+    with prefect_test_harness(server_startup_timeout=60), \
+            LangSmithTestServer(api_key=KEY, latency=args.latency, rate_limits=True,
+                                time_factor=args.time_factor) as server:
+        os.environ["LANGSMITH_ENDPOINT"], os.environ["LANGSMITH_API_KEY"] = server.url, KEY
+        server.add_project(PROJECT, records)
+        ours, failing = tracetriage(server, Path(tempfile.mkdtemp(prefix="tracetriage-bench-ls-")))
+        counts = server.counts()
+        our_requests = counts.total()
+        queries = counts["runs_query_v2"] + counts["runs_query_v1"]
+        limited = server.counts(429).total()
+        print(f"tracetriage: {ours:.1f} s wall (whole flow), {counts.total()} requests "
+              f"({queries} run queries, {counts['feedback_create']} feedback, {limited} answered 429), "
+              f"run queries / floor = {queries / floor:.2f}; {len(failing)} failing runs got feedback")
+        if args.skip_baseline:
+            return
+        server.reset_log()
+        theirs = baseline(failing)
+        counts = server.counts()
+        queries = counts["runs_query_v2"] + counts["runs_query_v1"]
+        print(f"baseline:    {theirs:.1f} s wall, {counts.total()} requests ({queries} run queries, "
+              f"{counts['feedback_create']} feedback, {server.counts(429).total()} answered 429), "
+              f"run queries / floor = {queries / floor:.1f}")
+        print(f"tracetriage: {theirs / ours:.1f}x less wall time, {counts.total() / our_requests:.1f}x fewer "
+              f"requests than the baseline")
+
+
+if __name__ == "__main__":
+    main()

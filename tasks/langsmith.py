@@ -1,0 +1,292 @@
+"""LangSmith as a source: a window's runs in one paginated stream, paced under the rate limit.
+
+Fetching is bounded by requests, not bytes (LangSmith Cloud allows 15 run queries per
+10 s per API key), so a window is one query for every span whose start lies in
+`[start, end + grace)`, with the largest page and only the fields the loop reads;
+traces are then kept whole when their root starts in `[start, end)`. The v2 API
+(`POST /v2/runs/query`, pages of up to 1000) is used when the backend has it, the v1
+API (`POST /runs/query`, pages of up to 100) otherwise. A token bucket shared by every
+query of the process keeps under the limit; a 429 pauses it for `Retry-After`.
+The fetched runs are written as a JSONL file of v2 run records, which the file source
+reads like any export.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+from langsmith import Client
+from langsmith import utils as ls_utils
+
+from tasks.config import LangSmithSource, parse_duration
+
+V2_SELECTS = ["ID", "NAME", "RUN_TYPE", "STATUS", "START_TIME", "END_TIME", "ERROR", "INPUTS", "OUTPUTS",
+              "METADATA", "PARENT_RUN_IDS", "PROJECT_ID", "TRACE_ID", "DOTTED_ORDER", "IS_ROOT", "TOTAL_TOKENS",
+              "APP_PATH"]
+V1_SELECT = ["id", "name", "run_type", "status", "start_time", "end_time", "error", "inputs", "outputs", "extra",
+             "parent_run_id", "session_id", "trace_id", "dotted_order", "total_tokens", "app_path"]
+V1_PAGE = 100
+ATTEMPTS = 8
+RETRYABLE = (429, 500, 502, 503, 504)
+MIN_V2_VERSION = (0, 16, 0)
+
+
+class LangSmithSourceError(RuntimeError):
+    """A LangSmith source that cannot be read: unknown project, rejected key, unreachable endpoint."""
+
+
+class LangSmithFetchError(RuntimeError):
+    """A fetch that kept failing after every retry (the task's own retry may still succeed)."""
+
+
+def langsmith_client(credentials: str | None) -> Client:
+    """The one place clients are made: a LangSmithCredentials block by name, else the LANGSMITH_* environment."""
+    from blocks.langsmith import LangSmithCredentials
+
+    return (LangSmithCredentials.load(credentials) if credentials else LangSmithCredentials()).get_client()
+
+
+class RateLimiter:
+    """At most `requests` sends in any `per_seconds` (a sliding window, as LangSmith counts), shared by threads.
+
+    A small margin allows for the server seeing a request later than it was sent.
+    """
+
+    def __init__(self, requests: int, per_seconds: float, margin: float = 0.05):
+        self.requests, self.per = requests, per_seconds * (1 + margin) + 0.05
+        self._sent: collections.deque[float] = collections.deque()
+        self._paused_until = 0.0
+        self._lock = threading.Lock()
+        self.waited = 0.0
+
+    def acquire(self) -> None:
+        while True:
+            with self._lock:
+                now = time.monotonic()
+                while self._sent and now - self._sent[0] >= self.per:
+                    self._sent.popleft()
+                wait = max(self._paused_until - now,
+                           self._sent[0] + self.per - now if len(self._sent) >= self.requests else 0.0)
+                if wait <= 0:
+                    self._sent.append(now)
+                    return
+            self.waited += wait
+            time.sleep(wait)
+
+    def pause(self, seconds: float) -> None:
+        """Nobody sends for `seconds` (a 429's Retry-After)."""
+        with self._lock:
+            self._paused_until = max(self._paused_until, time.monotonic() + seconds)
+
+
+@dataclass
+class FetchStats:
+    requests: int = 0
+    retries: int = 0
+    runs: int = 0
+    api: str = ""
+    rate_limited: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def _retry_after(headers: Any) -> float | None:
+    value = headers.get("retry-after") if headers is not None else None
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def backend_version(client: Client) -> tuple[int, ...]:
+    version = str(getattr(client.info, "version", "") or "0")
+    return tuple(int(part) for part in version.split(".")[:3] if part.isdigit())
+
+
+def choose_api(client: Client, source: LangSmithSource) -> str:
+    """`source.api`, or for 'auto' what `/info` says: v2 where the backend serves run queries from SmithDB
+    (`instance_flags.sdb_query_enabled`, LangSmith 0.16 and later), else v1."""
+    if source.api != "auto":
+        return source.api
+    flags = getattr(client.info, "instance_flags", None) or {}
+    return "v2" if flags.get("sdb_query_enabled") and backend_version(client) >= MIN_V2_VERSION else "v1"
+
+
+def project_id(client: Client, project: str) -> str:
+    """The project's id; a clear error for a missing project, a rejected key or an unreachable endpoint."""
+    return str(source_project(client, project).id)
+
+
+def trace_url_prefix(client: Client, project: Any) -> str:
+    """The LangSmith UI address of a project's traces; append `<trace_id>?trace_id=<trace_id>`."""
+    return f"{ls_utils.get_host_url(None, client.api_url)}/o/{project.tenant_id}/projects/p/{project.id}/r/"
+
+
+def meta_path(records_path: Path) -> Path:
+    return records_path.with_name(records_path.name + ".meta.json")
+
+
+def source_project(client: Client, project: str) -> Any:
+    try:
+        return client.read_project(project_name=project)
+    except ls_utils.LangSmithNotFoundError:
+        raise LangSmithSourceError(f"LangSmith project {project!r} does not exist at {client.api_url}; "
+                                   f"check source.project") from None
+    except ls_utils.LangSmithAuthError:
+        raise LangSmithSourceError(f"LangSmith at {client.api_url} rejected the API key (401); check "
+                                   f"LANGSMITH_API_KEY or the credentials block") from None
+    except ls_utils.LangSmithConnectionError as exc:
+        # The SDK's message runs over several lines and shows part of the key: keep only the reason.
+        reason = re.search(r"\[Errno -?\d+\] ([^'\")\\]+)", str(exc))
+        raise LangSmithSourceError(f"cannot reach LangSmith at {client.api_url}: "
+                                   f"{reason.group(1) if reason else 'connection failed'}") from None
+
+
+def _v1_pages(client: Client, limiter: RateLimiter, body: dict[str, Any], stats: FetchStats) -> Iterator[list[dict]]:
+    """`POST /runs/query` pages through the SDK's request_with_retries; a 429 pauses the bucket for Retry-After."""
+
+    def on_error(response: Any, attempt: int) -> bool:
+        stats.retries += 1
+        if response.status_code == 429:
+            stats.rate_limited += 1
+            limiter.pause(_retry_after(response.headers) or 1.0)
+        limiter.acquire()
+        stats.requests += 1
+        return response.status_code in RETRYABLE
+
+    while True:
+        limiter.acquire()
+        stats.requests += 1
+        response = client.request_with_retries(
+            "POST", "/runs/query", request_kwargs={"data": orjson.dumps(body)}, stop_after_attempt=ATTEMPTS,
+            handle_response=on_error)
+        page = response.json()
+        yield page.get("runs") or []
+        cursor = (page.get("cursors") or {}).get("next")
+        if not cursor:
+            return
+        body = {**body, "cursor": cursor}
+
+
+def _v2_runs(client: Client) -> Any:
+    """The SDK's v2 runs resource, sync, with no retries of its own (ours wait for the bucket).
+
+    langsmith 0.15 exposes v2 runs publicly only as an async resource (`Client.runs`)
+    whose HTTP client is bound to one event loop; its sync twin is what the SDK itself
+    uses (`Client.get_test_results`).
+    """
+    return client._get_langsmith_api_sync().with_options(max_retries=0).runs
+
+
+def _v2_pages(client: Client, limiter: RateLimiter, query: dict[str, Any], stats: FetchStats) -> Iterator[list[dict]]:
+    """`POST /v2/runs/query` pages; 429 (pausing for Retry-After), 5xx and dropped connections are retried."""
+    from langsmith._exceptions import APIConnectionError, APIStatusError
+
+    runs, cursor = _v2_runs(client), None
+    while True:
+        for attempt in range(ATTEMPTS):
+            limiter.acquire()
+            stats.requests += 1
+            try:
+                page = runs.query_v2(**query, **({"cursor": cursor} if cursor else {}))
+                break
+            except APIStatusError as exc:
+                if exc.status_code not in RETRYABLE or attempt + 1 == ATTEMPTS:
+                    raise
+                if exc.status_code == 429:
+                    stats.rate_limited += 1
+                    limiter.pause(_retry_after(exc.response.headers) or 1.0)
+            except APIConnectionError:
+                if attempt + 1 == ATTEMPTS:
+                    raise
+            stats.retries += 1
+            time.sleep(min(0.05 * 2**attempt, 2.0))
+        yield [run.model_dump(mode="json", exclude_none=True) for run in page.items]
+        cursor = page.next_cursor
+        if not cursor:
+            return
+
+
+def fetch_runs(
+    client: Client, source: LangSmithSource, start: datetime, end: datetime, out: Path,
+    limiter: RateLimiter | None = None, on_page: Callable[[FetchStats], None] | None = None,
+) -> FetchStats:
+    """Every run of the traces whose root starts in `[start, end)`, as run records (JSONL) in `out`."""
+    limiter = limiter or RateLimiter(source.rate_limit.requests, source.rate_limit.per_seconds)
+    stats = FetchStats()
+    project = source_project(client, source.project)
+    pid = str(project.id)
+    upper = end + parse_duration(source.grace)
+    stats.api = choose_api(client, source)
+    if stats.api == "v2":
+        query = {"project_ids": [pid], "min_start_time": _iso(start), "max_start_time": _iso(upper),
+                 "selects": V2_SELECTS, "page_size": source.page_size}
+        query.update({k: v for k, v in (("filter", source.filter), ("trace_filter", source.trace_filter)) if v})
+        pages = _v2_pages(client, limiter, query, stats)
+    else:
+        # v1's start_time / end_time bound the runs' start times.
+        body = {"session": [pid], "start_time": _iso(start), "end_time": _iso(upper), "select": V1_SELECT,
+                "limit": V1_PAGE}
+        body.update({k: v for k, v in (("filter", source.filter), ("trace_filter", source.trace_filter)) if v})
+        pages = _v1_pages(client, limiter, body, stats)
+    runs: list[dict[str, Any]] = []
+    try:
+        for page in pages:
+            runs.extend(page)
+            stats.runs = len(runs)
+            if on_page:
+                on_page(stats)
+    except Exception as exc:
+        raise LangSmithFetchError(f"fetching runs of {source.project!r} from {client.api_url} failed after "
+                                   f"{stats.requests} requests: {type(exc).__name__}: {exc}") from exc
+    write_complete_traces(runs, start, end, out)
+    meta_path(out).write_bytes(orjson.dumps({"trace_url": trace_url_prefix(client, project), "project_id": pid}))
+    return stats
+
+
+def _start(run: dict[str, Any]) -> datetime:
+    return datetime.fromisoformat(str(run["start_time"]).replace("Z", "+00:00")).astimezone(UTC)
+
+
+def _is_root(run: dict[str, Any]) -> bool:
+    if "is_root" in run:
+        return bool(run["is_root"])
+    return not run.get("parent_run_id") and not run.get("parent_run_ids")
+
+
+def write_complete_traces(runs: list[dict[str, Any]], start: datetime, end: datetime, out: Path) -> int:
+    """Runs of traces whose root starts in `[start, end)`, one JSON line each; returns how many."""
+    roots = {str(r["trace_id"]) for r in runs if _is_root(r) and start <= _start(r) < end}
+    keep = [r for r in runs if str(r.get("trace_id")) in roots]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        for run in keep:
+            handle.write(orjson.dumps(run) + b"\n")
+    tmp.replace(out)
+    return len(keep)
+
+
+def window_range(start: datetime | None, end: datetime | None, size: timedelta, lag: timedelta,
+                 now: datetime | None = None) -> tuple[datetime, datetime]:
+    """The windows a LangSmith run triages: `[start, end)` aligned, or by default the last closed window."""
+    step = size.total_seconds()
+    align = lambda moment: datetime.fromtimestamp(moment.timestamp() // step * step, UTC)  # noqa: E731
+    if start is None:
+        closed = align((now or datetime.now(UTC)) - lag) - size
+        return closed, closed + size
+    first = align(start)
+    last = align(end - timedelta(microseconds=1)) + size if end else first + size
+    return first, last

@@ -1,0 +1,196 @@
+"""LangSmith for real: the flow fetches a window through the SDK and writes feedback, queue items and examples.
+
+Every test talks HTTP to the LangSmith-compatible server in `tests/langsmith_server.py`,
+which checks each request and response against the official OpenAPI spec.
+"""
+
+from __future__ import annotations
+
+import socket
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from flows.cli import main
+from flows.triage import triage
+from tasks.config import ActionConfig, LangSmithSource, LoopConfig, When
+from tasks.sample import SAMPLE_START, generate_traces
+from tests.langsmith_server import LangSmithTestServer
+
+KEY = "ls-test-key-canary-5d1e"
+PROJECT = "support-bot"
+START, END = SAMPLE_START, SAMPLE_START + timedelta(hours=1)
+
+
+@pytest.fixture(scope="module")
+def records() -> list[dict]:
+    """300 sample traces in the first hour, and 40 in the next (which a one-hour window must not take)."""
+    first = generate_traces(300, seed=31, start=START, hours=1).records
+    later = generate_traces(40, seed=32, start=END, hours=1).records
+    return first + later
+
+
+@pytest.fixture
+def langsmith_env(monkeypatch: pytest.MonkeyPatch):
+    def point_at(server: LangSmithTestServer, key: str = KEY) -> None:
+        monkeypatch.setenv("LANGSMITH_ENDPOINT", server.url)
+        monkeypatch.setenv("LANGSMITH_API_KEY", key)
+        monkeypatch.setenv("LANGSMITH_TRACING", "false")
+    return point_at
+
+
+def loop(api: str = "auto", project: str = PROJECT, **source) -> LoopConfig:
+    return LoopConfig(
+        name="ls-loop", eval_workers=1,
+        source=LangSmithSource(project=project, api=api, rate_limit={"requests": 15, "per": "1s"}, **source),
+        actions=[
+            ActionConfig(when=When(failing=True), do="feedback", on_culprit=True, name="feedback"),
+            ActionConfig(when=When(evaluator="answer_grounded", below=0.5), do="annotation_queue",
+                         queue="grounding-review", rubric="Is the answer supported by the documents?", name="queue"),
+            ActionConfig(when=When(evaluator="answer_relevant", below=0.3), do="dataset", dataset="hard-cases",
+                         name="dataset"),
+        ],
+    )
+
+
+def external_state(server: LangSmithTestServer) -> dict[str, set]:
+    return {
+        "feedback": {(f["id"], f["run_id"], f["key"]) for f in server.feedback},
+        "queue": {(q, r) for q, runs in server.queue_runs.items() for r in runs},
+        "examples": set(server.examples),
+    }
+
+
+def run(config: LoopConfig, out: Path) -> dict:
+    return triage(config=config, start=START, end=END, out=str(out))
+
+
+@pytest.fixture(scope="module")
+def clean(records, tmp_path_factory) -> dict:
+    """The reference: one clean run against a well-behaved server, and what it left there."""
+    with LangSmithTestServer(api_key=KEY) as server, pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LANGSMITH_ENDPOINT", server.url)
+        patch.setenv("LANGSMITH_API_KEY", KEY)
+        server.add_project(PROJECT, records)
+        result = run(loop(), tmp_path_factory.mktemp("clean"))
+        return {"result": result, "state": external_state(server), "violations": list(server.violations),
+                "counts": server.counts()}
+
+
+def test_a_window_is_fetched_whole_and_its_failures_land_in_langsmith(clean):
+    (window,) = clean["result"]["windows"]
+    assert window["traces"] == 300  # the later hour's traces stay out; every span of these is in
+    failing = window["failing_traces"]
+    state = clean["state"]
+    assert failing > 0
+    assert len(state["feedback"]) == 2 * failing  # on each failing run and on its culprit span
+    grounded = window["evaluators"]["answer_grounded"]["fail"]
+    relevant = window["evaluators"]["answer_relevant"]["fail"]
+    assert len(state["queue"]) == grounded and len(state["examples"]) == relevant
+    assert window["actions"]["failed"] == 0
+    assert clean["violations"] == []
+
+
+def test_failing_traces_link_to_langsmith(clean):
+    (window,) = clean["result"]["windows"]
+    cause = window["root_causes"][0]
+    assert cause["example_trace_urls"][0].endswith(f"/r/{cause['example_trace_ids'][0]}"
+                                                   f"?trace_id={cause['example_trace_ids'][0]}")
+
+
+def test_a_rerun_of_the_same_window_adds_nothing(records, langsmith_env, tmp_path):
+    with LangSmithTestServer(api_key=KEY) as server:
+        langsmith_env(server)
+        server.add_project(PROJECT, records)
+        run(loop(), tmp_path)
+        first = external_state(server)
+        adds = len(server.queue_adds)
+        again = run(loop(), tmp_path)
+        assert external_state(server) == first and len(server.queue_adds) == adds
+        assert again["windows"][0]["actions"]["sent"] == 0
+        assert server.violations == []
+
+
+@pytest.mark.parametrize("api", ["v2", "v1"])
+def test_with_a_fifth_of_requests_failing_the_result_is_the_same_as_a_clean_run(records, langsmith_env, tmp_path,
+                                                                                  clean, api):
+    with LangSmithTestServer(api_key=KEY, fault_rate=0.2, seed=4, v2=api == "v2", time_factor=0.1) as server:
+        langsmith_env(server)
+        server.add_project(PROJECT, records)
+        result = run(loop(api="auto"), tmp_path)
+        assert result["windows"][0]["failing_traces"] == clean["result"]["windows"][0]["failing_traces"]
+        assert external_state(server) == clean["state"]  # nothing lost
+        assert len(server.queue_adds) == len(clean["state"]["queue"])  # nothing twice
+        faults = sum(server.counts(status).total() for status in (429, 500, 502, 503, None))
+        assert faults > 10
+        assert server.violations == []
+
+
+def test_v1_and_v2_fetch_the_same_runs(records, langsmith_env, tmp_path, clean):
+    with LangSmithTestServer(api_key=KEY, v2=False) as server:
+        langsmith_env(server)
+        server.add_project(PROJECT, records)
+        result = run(loop(api="auto"), tmp_path)
+        assert server.counts()["runs_query_v2"] == 0 and server.counts()["runs_query_v1"] > 0
+        assert result["windows"][0]["traces"] == 300
+        assert external_state(server) == clean["state"]
+
+
+def cli(out: Path, *extra: str) -> list[str]:
+    return ["run", "--source", f"langsmith:{PROJECT}", "--start", START.isoformat(), "--end", END.isoformat(),
+            "--out", str(out), *extra]
+
+
+def test_a_project_that_does_not_exist_is_one_clear_error_and_no_writes(records, langsmith_env, tmp_path, capsys):
+    with LangSmithTestServer(api_key=KEY) as server:
+        langsmith_env(server)
+        server.add_project("another-project", records)
+        assert main(["run", "--source", "langsmith:no-such-project", "--out", str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"tracetriage: LangSmith project 'no-such-project' does not exist at {server.url}; "
+                       f"check source.project"]
+        assert server.feedback == [] and server.queue_adds == [] and server.examples == {}
+
+
+def test_a_rejected_api_key_is_one_clear_error_and_no_writes(records, langsmith_env, tmp_path, capsys):
+    with LangSmithTestServer(api_key=KEY) as server:
+        langsmith_env(server, key="wrong-key")
+        server.add_project(PROJECT, records)
+        assert main(cli(tmp_path)) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "rejected the API key (401)" in err[0] and "wrong-key" not in err[0]
+        assert server.feedback == [] and server.queue_adds == [] and server.examples == {}
+
+
+def test_an_unreachable_endpoint_is_one_clear_error(langsmith_env, monkeypatch, tmp_path, capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once the socket closes
+    monkeypatch.setenv("LANGSMITH_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("LANGSMITH_API_KEY", KEY)
+    assert main(cli(tmp_path)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"tracetriage: cannot reach LangSmith at http://127.0.0.1:{port}")
+
+
+def test_the_fetch_stays_under_the_cloud_rate_limit_at_the_request_floor(records, tmp_path):
+    """With the Cloud limit enforced (windows scaled to a tenth), more pages than the limit allows at once:
+    no 429, and exactly one query per page of runs."""
+    import math
+
+    from langsmith import Client
+
+    from tasks.langsmith import fetch_runs
+
+    with LangSmithTestServer(api_key=KEY, rate_limits=True, time_factor=0.1) as server:
+        server.add_project(PROJECT, records)
+        client = Client(api_url=server.url, api_key=KEY, auto_batch_tracing=False)
+        source = LangSmithSource(project=PROJECT, page_size=100, rate_limit={"requests": 15, "per": "1s"})
+        stats = fetch_runs(client, source, START, END, tmp_path / "runs.jsonl")
+        assert stats.runs > 15 * 100  # more pages than one window of the limit
+        assert server.counts(429).total() == 0
+        assert server.counts()["runs_query_v2"] == math.ceil(stats.runs / 100) == stats.requests
+        in_window = {r["trace_id"] for r in records if not r.get("parent_run_id") and r["start_time"] < END.isoformat()}
+        kept = (tmp_path / "runs.jsonl").read_text().count("\n")
+        assert kept == sum(r["trace_id"] in in_window for r in records)  # whole traces of this window only
