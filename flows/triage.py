@@ -145,7 +145,7 @@ def triage(
         start, end = window_range(start, end, config.window.size_delta, config.window.lag_delta)
         fetched_at = stable_hash(config.source.model_dump(), start, end)
         final = datetime.now(UTC) >= end + config.window.lag_delta
-        source_file = Path(langsmith_fetch_task(config.source, start, end,
+        source_file = Path(langsmith_fetch_task(config.source, start, end, config.window.size_delta,
                                                 str(out_dir / "work" / "langsmith" / f"{fetched_at}.jsonl"),
                                                 stable_hash(fetched_at, epoch) if final else None))
         trace_url = orjson.loads(meta_path(source_file).read_bytes())["trace_url"]

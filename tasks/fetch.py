@@ -174,7 +174,8 @@ def _not_a_config_error(task: Any, task_run: Any, state: Any) -> bool:
 @task(name="fetch-langsmith", cache_key_fn=stage_cache_key, persist_result=True, retry_condition_fn=_not_a_config_error,
       **_RETRY)
 def langsmith_fetch_task(
-    source: LangSmithSource, start: datetime, end: datetime, out_path: str, cache_token: str | None
+    source: LangSmithSource, start: datetime, end: datetime, window: timedelta, out_path: str,
+    cache_token: str | None,
 ) -> str:
     """A LangSmith project's runs of the windows in `[start, end)`, as a run-records file."""
     logger = get_run_logger()
@@ -183,7 +184,8 @@ def langsmith_fetch_task(
         report(f"fetch {source.project}", stats.runs, stats.runs)
         logger.info("fetched %d runs from LangSmith (%s API, %d requests)", stats.runs, stats.api, stats.requests)
 
-    stats = fetch_runs(langsmith_client(source.credentials), source, start, end, Path(out_path), on_page=on_page)
+    stats = fetch_runs(langsmith_client(source.credentials), source, start, end, Path(out_path), on_page=on_page,
+                       window=window)
     logger.info("LangSmith %s: %d runs of %s .. %s in %d requests (%d retried, %d rate-limited)", stats.api,
                 stats.runs, start.isoformat(), end.isoformat(), stats.requests, stats.retries, stats.rate_limited)
     return out_path

@@ -194,3 +194,27 @@ def test_the_fetch_stays_under_the_cloud_rate_limit_at_the_request_floor(records
         in_window = {r["trace_id"] for r in records if not r.get("parent_run_id") and r["start_time"] < END.isoformat()}
         kept = (tmp_path / "runs.jsonl").read_text().count("\n")
         assert kept == sum(r["trace_id"] in in_window for r in records)  # whole traces of this window only
+
+
+@pytest.mark.parametrize("api", ["v2", "v1"])
+def test_windows_fetched_in_parallel_are_the_runs_of_one_stream_at_one_extra_page_per_window(tmp_path, api):
+    import math
+
+    from langsmith import Client
+
+    from tasks.langsmith import fetch_runs
+
+    three_hours = generate_traces(300, seed=33, start=START, hours=3).records
+    end = START + timedelta(hours=3)
+    with LangSmithTestServer(api_key=KEY, rate_limits=True, time_factor=0.1, v2=api == "v2") as server:
+        server.add_project(PROJECT, three_hours)
+        client = Client(api_url=server.url, api_key=KEY, auto_batch_tracing=False)
+        source = LangSmithSource(project=PROJECT, page_size=100, rate_limit={"requests": 15, "per": "1s"})
+        one = fetch_runs(client, source, START, end, tmp_path / "one.jsonl")
+        server.reset_log()
+        parallel = fetch_runs(client, source, START, end, tmp_path / "three.jsonl", window=timedelta(hours=1))
+        assert (tmp_path / "one.jsonl").read_bytes().count(b"\n") == len(three_hours)
+        assert sorted((tmp_path / "one.jsonl").read_text().splitlines()) == \
+            sorted((tmp_path / "three.jsonl").read_text().splitlines())
+        assert parallel.requests <= math.ceil(one.runs / 100) + 2 and one.requests == math.ceil(one.runs / 100)
+        assert server.counts(429).total() == 0 and server.violations == []
