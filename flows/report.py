@@ -10,6 +10,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.triage import resolve_config
 from tasks.config import LoopConfig
 from tasks.report import TrendReport, report_period, trend_report
 from tasks.snapshot import open_store
@@ -37,9 +38,10 @@ def publish_report(report: TrendReport, chart_path: str) -> None:
 
 
 @flow(name="trend-report", log_prints=True)
-def trend_report_flow(config: LoopConfig | None = None, since: str = "7d", out: str = DEFAULT_OUT) -> dict[str, Any]:
+def trend_report_flow(config: LoopConfig | None = None, since: str = "7d", out: str = DEFAULT_OUT,
+                      config_block: str | None = None) -> dict[str, Any]:
     """The series of the windows since `since` (a duration back from the latest window, or an ISO time)."""
-    config = config or LoopConfig()
+    config = resolve_config(config, config_block)
     report = report_task(config, since, out)
     chart = Path(out) / "trend.png"
     chart.parent.mkdir(parents=True, exist_ok=True)

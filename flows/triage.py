@@ -18,7 +18,7 @@ from tasks.aggregate import aggregate_task, patterns_table, root_causes_table
 from tasks.attribute import SPAN_COLUMNS, attribute_task, attribution_table
 from tasks.cache import stable_hash, work_epoch
 from tasks.config import FileSource, LangSmithSource, LoopConfig
-from tasks.dispatch import dispatch_task
+from tasks.dispatch import dispatch_lock, dispatch_task
 from tasks.evaluate import evaluate_task, evaluation_workers, start_evaluation_workers
 from tasks.evaluators import import_ref
 from tasks.fetch import SourceSpans, WindowSpans, fetch_task, langsmith_fetch_task, source_fingerprint, source_path
@@ -104,8 +104,10 @@ def triage_window(config: LoopConfig, window: WindowSpans, source_token: str, ou
     if config.snapshots.spans:
         tables["spans"] = spans_snapshot(window.path, window_start)
     snapshot = snapshot_task.submit(store, window_start, tables)  # written while dispatch runs
-    actions = dispatch_task(config, window_start, scores, verdicts, attribution, spike, str(out_dir / "ledger.jsonl"),
-                            str(out_dir / "actions.jsonl"), window.path, langsmith_writer(config)).as_dict()
+    with dispatch_lock(config.name):
+        actions = dispatch_task(config, window_start, scores, verdicts, attribution, spike,
+                                str(out_dir / "ledger.jsonl"), str(out_dir / "actions.jsonl"), window.path,
+                                langsmith_writer(config)).as_dict()
     summary = window_summary(window_start, window_end, window.traces, window.spans, window.orphans, counts,
                              verdicts, config.evaluators, root_causes, patterns, actions, spike, snapshot.result(),
                              trace_url)
@@ -128,15 +130,26 @@ def windows_row(summary: dict[str, Any], verdicts: pd.DataFrame, start: datetime
     }], schema=WINDOWS)
 
 
+def resolve_config(config: LoopConfig | None, config_block: str | None) -> LoopConfig:
+    """The config of the named LoopConfigBlock, else `config`, else the defaults (the sample traces)."""
+    if config_block:
+        from blocks.config import LoopConfigBlock
+
+        return LoopConfigBlock.load(config_block).get_config()
+    return config or LoopConfig()
+
+
 @flow(name="triage", log_prints=True)
 def triage(
     config: LoopConfig | None = None,
     start: datetime | None = None,
     end: datetime | None = None,
     out: str = DEFAULT_OUT,
+    config_block: str | None = None,
 ) -> dict[str, Any]:
-    """Triage every window of the source between `start` and `end` (all windows when omitted)."""
-    config = validate(config or LoopConfig())
+    """Triage every window of the source between `start` and `end` (all windows when omitted; for a LangSmith
+    source, the last closed window). `config_block` names a LoopConfigBlock to use instead of `config`."""
+    config = validate(resolve_config(config, config_block))
     start_evaluation_workers(evaluation_workers(config.eval_workers))  # they import while the source loads
     logger = get_run_logger()
     out_dir = Path(out)
@@ -162,3 +175,21 @@ def triage(
                 len(windows), source_file, sum(v["count"] for v in fetched.skipped.values()))
     results = [triage_window(config, window, source_token, out, trace_url) for window in windows]
     return {"source": str(source_file), "skipped": fetched.skipped, "windows": results}
+
+
+@flow(name="triage-latest", log_prints=True)
+def triage_latest(config: LoopConfig | None = None, config_block: str | None = None,
+                  out: str = DEFAULT_OUT) -> dict[str, Any]:
+    """The last closed window: the one whose end plus `window.lag` has passed (the hourly schedule's run)."""
+    loop = resolve_config(config, config_block)
+    start, end = window_range(None, None, loop.window.size_delta, loop.window.lag_delta)
+    return triage(config=loop, start=start, end=end, out=out)
+
+
+@flow(name="triage-backfill", log_prints=True)
+def triage_backfill(start: datetime, end: datetime, config: LoopConfig | None = None,
+                    config_block: str | None = None, out: str = DEFAULT_OUT) -> dict[str, Any]:
+    """Every window starting in `[start, end)`, each its own subflow: cached, idempotent and retryable alone."""
+    if start >= end:
+        raise ValueError(f"start {start.isoformat()} must be before end {end.isoformat()}")
+    return triage(config=resolve_config(config, config_block), start=start, end=end, out=out)

@@ -10,9 +10,11 @@ id it already holds).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,6 +26,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.concurrency.sync import concurrency
 from prefect.tasks import exponential_backoff
 
 from tasks.config import LoopConfig, When
@@ -238,6 +242,22 @@ def dispatch_actions(
 
 def _json_safe(value: Any) -> Any:
     return orjson.loads(orjson.dumps(value, default=str))
+
+
+@contextlib.contextmanager
+def dispatch_lock(loop: str, timeout_seconds: float = 900) -> Iterator[None]:
+    """One dispatch of a loop at a time, across flow runs and machines (a Prefect global concurrency limit
+    of one slot): a scheduled run and a manual rerun of the same window cannot both send; the second reads
+    the ledger after the first has written it."""
+    name = f"tracetriage-dispatch-{loop}"
+    with get_client(sync_client=True) as client:
+        try:
+            client.upsert_global_concurrency_limit_by_name(name, 1)
+        except Exception:  # noqa: BLE001 - another run created it at the same moment
+            if client.read_global_concurrency_limit_by_name(name).limit != 1:
+                raise
+    with concurrency(name, occupy=1, strict=True, timeout_seconds=timeout_seconds):
+        yield
 
 
 # The planned actions are made inside the task: Prefect walks list and dict parameters

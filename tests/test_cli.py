@@ -78,15 +78,18 @@ def test_the_readme_opens_with_the_two_commands_and_ci_runs_the_test_one():
     assert test_command in (ROOT / ".ci" / "run").read_text()
 
 
-def test_prefect_yaml_deploys_the_triage_flow_with_a_pull_step():
-    project = yaml.safe_load((ROOT / "prefect.yaml").read_text())
-    assert project["pull"], "a pull step, or prefect deploy records this machine's directory"
-    (deployment,) = project["deployments"]
-    module, _, name = deployment["entrypoint"].partition(":")
+def test_prefect_yaml_entrypoints_are_the_flows_and_there_is_a_pull_step():
     import importlib
 
-    flow = getattr(importlib.import_module(module.replace("/", ".").removesuffix(".py")), name)
-    assert flow.name == "triage"
+    project = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    assert project["pull"], "a pull step, or prefect deploy records this machine's directory"
+    flows = {}
+    for deployment in project["deployments"]:
+        module, _, name = deployment["entrypoint"].partition(":")
+        flows[deployment["name"]] = getattr(importlib.import_module(module.replace("/", ".").removesuffix(".py")),
+                                            name).name
+    assert flows == {"triage-hourly": "triage-latest", "triage-backfill": "triage-backfill",
+                     "trend-report": "trend-report", "triage": "triage"}
 
 
 def test_sample_takes_failure_rates_and_refuses_unknown_modes(tmp_path, capsys):

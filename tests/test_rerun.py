@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -11,7 +13,7 @@ import pytest
 from flows.loop import feedback_loop
 from flows.triage import triage
 from tasks.config import ActionConfig, FileSource, LoopConfig, When
-from tasks.dispatch import Ledger
+from tasks.dispatch import Ledger, dispatch_lock
 from tasks.sample import generate_traces, write_sample
 from tasks.snapshot import SNAPSHOT_TABLES, read_table
 
@@ -158,3 +160,23 @@ def _ledger_rows(out: Path) -> list[dict]:
     import json
 
     return [json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines()]
+
+
+def test_two_runs_of_a_loop_at_once_dispatch_one_after_the_other():
+    """A scheduled run and a manual rerun of a window: the second dispatches only once the first is done,
+    so it reads the ledger the first wrote and sends nothing twice."""
+    held: list[tuple[float, float]] = []
+
+    def dispatch() -> None:
+        with dispatch_lock("lock-test-loop"):
+            began = time.monotonic()
+            time.sleep(0.5)
+            held.append((began, time.monotonic()))
+
+    runs = [threading.Thread(target=dispatch) for _ in range(2)]
+    for thread in runs:
+        thread.start()
+    for thread in runs:
+        thread.join()
+    first, second = sorted(held)
+    assert second[0] >= first[1]

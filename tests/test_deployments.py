@@ -1,0 +1,132 @@
+"""Deployments for real: `prefect server start`, a process work pool, `prefect deploy --all`, a worker,
+and the backfill run twice through the API with parameters, as the UI's Run form does it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tasks.sample import SAMPLE_START, generate_traces, write_sample
+from tasks.snapshot import SnapshotStore
+
+REPO = Path(__file__).resolve().parents[1]
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop(process: subprocess.Popen, signals: tuple[int, ...] = (signal.SIGTERM,)) -> None:
+    """Signal the process group (a worker wants two), then kill whatever is left."""
+    for sig in signals:
+        if process.poll() is None:
+            os.killpg(process.pid, sig)
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                continue
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real `prefect server start` on a free loopback port, with its own PREFECT_HOME; and a client env."""
+    root = tmp_path_factory.mktemp("prefect")
+    port = free_port()
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    base["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    server_env = {**base, "PREFECT_HOME": str(root / "server-home")}
+    log = open(root / "server.log", "wb")
+    server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              env=server_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    api = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline or server.poll() is not None:
+            stop(server)
+            pytest.fail(f"prefect server did not start: {(root / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    client_env = {**base, "PREFECT_HOME": str(root / "client-home"), "PREFECT_API_URL": api,
+                  "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "5",
+                  "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(root / "results"), "TRACETRIAGE_HOME": str(REPO),
+                  "PREFECT_LOGGING_LEVEL": "WARNING"}
+    yield {"api": api, "env": client_env, "root": root}
+    stop(server)
+    log.close()
+
+
+def prefect_cli(env: dict[str, str], *args: str) -> str:
+    done = subprocess.run([PREFECT, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, f"prefect {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def run_deployment(api: str, name: str, parameters: dict, timeout: float = 240) -> dict:
+    """What the UI's Run form does: create a flow run of the deployment with these parameters; wait for it."""
+    deployment = httpx.get(f"{api}/deployments/name/{name}", timeout=10).raise_for_status().json()
+    run = httpx.post(f"{api}/deployments/{deployment['id']}/create_flow_run", json={"parameters": parameters},
+                     timeout=10).raise_for_status().json()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = httpx.get(f"{api}/flow_runs/{run['id']}", timeout=10).raise_for_status().json()["state"]
+        if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            return state
+        time.sleep(1)
+    raise AssertionError(f"flow run {run['id']} of {name} did not finish in {timeout} s (state {state['type']})")
+
+
+def test_the_backfill_deployment_runs_on_a_worker_and_a_second_run_sends_nothing_twice(prefect_server, tmp_path):
+    env, api = prefect_server["env"], prefect_server["api"]
+    source = tmp_path / "runs.jsonl"
+    write_sample(source, generate_traces(300, seed=41, hours=3))
+    registered = prefect_cli(env, "block", "register", "-m", "blocks")
+    assert "Successfully registered 3 blocks" in registered, registered
+    prefect_cli(env, "work-pool", "create", "tracetriage", "--type", "process")
+    deployed = prefect_cli(env, "--no-prompt", "deploy", "--all")
+    assert "triage-backfill" in deployed and "triage-hourly" in deployed and "trend-report" in deployed
+    worker_log = open(tmp_path / "worker.log", "wb")
+    worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "tracetriage"], env=env, cwd=tmp_path,
+                              stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True)
+    out = tmp_path / "out"
+    parameters = {
+        "start": SAMPLE_START.isoformat(), "end": SAMPLE_START.replace(hour=12).isoformat(), "out": str(out),
+        "config": {"name": "deployed", "source": {"kind": "file", "path": str(source)}, "eval_workers": 1},
+    }
+    try:
+        first = run_deployment(api, "triage-backfill/triage-backfill", parameters)
+        assert first["type"] == "COMPLETED", (tmp_path / "worker.log").read_text()[-4000:]
+        store = SnapshotStore(str(out / "snapshots"))
+        windows = store.read("windows", ["window_start", "failing_traces"]).to_pandas()
+        assert len(windows) == 3
+        logged = (out / "actions.jsonl").read_text().splitlines()
+        assert len(logged) == windows["failing_traces"].sum() > 0
+
+        second = run_deployment(api, "triage-backfill/triage-backfill", parameters)
+        assert second["type"] == "COMPLETED", (tmp_path / "worker.log").read_text()[-4000:]
+        assert (out / "actions.jsonl").read_text().splitlines() == logged
+        sent = Counter(e["action_id"] for e in map(json.loads, (out / "ledger.jsonl").read_text().splitlines())
+                       if e["state"] == "sent")
+        assert len(sent) == len(logged) and set(sent.values()) == {1}
+    finally:
+        stop(worker, (signal.SIGINT, signal.SIGINT, signal.SIGTERM))
+        worker_log.close()
