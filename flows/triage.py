@@ -104,10 +104,10 @@ def triage_window(config: LoopConfig, window: WindowSpans, source_token: str, ou
     if config.snapshots.spans:
         tables["spans"] = spans_snapshot(window.path, window_start)
     snapshot = snapshot_task.submit(store, window_start, tables)  # written while dispatch runs
-    with dispatch_lock(config.name):
-        actions = dispatch_task(config, window_start, scores, verdicts, attribution, spike,
-                                str(out_dir / "ledger.jsonl"), str(out_dir / "actions.jsonl"), window.path,
-                                langsmith_writer(config)).as_dict()
+    ledger = str(out_dir / "ledger.jsonl")
+    with dispatch_lock(ledger):
+        actions = dispatch_task(config, window_start, scores, verdicts, attribution, spike, ledger,
+                                str(out_dir / "actions.jsonl"), window.path, langsmith_writer(config)).as_dict()
     summary = window_summary(window_start, window_end, window.traces, window.spans, window.orphans, counts,
                              verdicts, config.evaluators, root_causes, patterns, actions, spike, snapshot.result(),
                              trace_url)

@@ -11,6 +11,7 @@ id it already holds).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import inspect
 import os
 import uuid
@@ -26,8 +27,6 @@ import pandas as pd
 import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from prefect.client.orchestration import get_client
-from prefect.concurrency.sync import concurrency
 from prefect.tasks import exponential_backoff
 
 from tasks.config import LoopConfig, When
@@ -245,19 +244,22 @@ def _json_safe(value: Any) -> Any:
 
 
 @contextlib.contextmanager
-def dispatch_lock(loop: str, timeout_seconds: float = 900) -> Iterator[None]:
-    """One dispatch of a loop at a time, across flow runs and machines (a Prefect global concurrency limit
-    of one slot): a scheduled run and a manual rerun of the same window cannot both send; the second reads
-    the ledger after the first has written it."""
-    name = f"tracetriage-dispatch-{loop}"
-    with get_client(sync_client=True) as client:
+def dispatch_lock(ledger_path: str | Path) -> Iterator[None]:
+    """One dispatch per ledger at a time: a scheduled run and a manual rerun of the same window cannot both
+    send; the second reads the ledger after the first has written it.
+
+    An exclusive `flock` on `<ledger>.lock`, held by processes on the machine whose disk holds the ledger
+    (a Prefect global concurrency limit did the same at about 2 s per window). The kernel drops it when its
+    holder dies, so a crashed run never leaves the loop locked.
+    """
+    path = Path(f"{ledger_path}.lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            client.upsert_global_concurrency_limit_by_name(name, 1)
-        except Exception:  # noqa: BLE001 - another run created it at the same moment
-            if client.read_global_concurrency_limit_by_name(name).limit != 1:
-                raise
-    with concurrency(name, occupy=1, strict=True, timeout_seconds=timeout_seconds):
-        yield
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # The planned actions are made inside the task: Prefect walks list and dict parameters

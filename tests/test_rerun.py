@@ -162,13 +162,13 @@ def _ledger_rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines()]
 
 
-def test_two_runs_of_a_loop_at_once_dispatch_one_after_the_other():
+def test_two_runs_of_a_loop_at_once_dispatch_one_after_the_other(tmp_path):
     """A scheduled run and a manual rerun of a window: the second dispatches only once the first is done,
     so it reads the ledger the first wrote and sends nothing twice."""
     held: list[tuple[float, float]] = []
 
     def dispatch() -> None:
-        with dispatch_lock("lock-test-loop"):
+        with dispatch_lock(tmp_path / "ledger.jsonl"):
             began = time.monotonic()
             time.sleep(0.5)
             held.append((began, time.monotonic()))
