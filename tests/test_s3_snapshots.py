@@ -10,7 +10,7 @@ import pytest
 
 from blocks.storage import SnapshotStorage
 from flows.triage import triage
-from tasks.config import FileSource, LoopConfig, SnapshotConfig
+from tasks.config import FileSource, LoopConfig, SnapshotConfig, SpikeConfig
 from tasks.sample import DEFAULT_RATES, generate_windows, write_sample
 from tasks.snapshot import SnapshotStore
 from tasks.trends import new_failure_modes, read_series, spike_checks
@@ -42,26 +42,24 @@ def s3_endpoint():
 
 
 def test_s3_snapshots_give_the_same_trends_as_local_ones(s3_endpoint, tmp_path):
-    rates = [DEFAULT_RATES] * 7 + [{**DEFAULT_RATES, "tool_error": 0.3}]
+    rates = [DEFAULT_RATES] * 3 + [{**DEFAULT_RATES, "tool_error": 0.3}]
     source = tmp_path / "runs.jsonl"
     write_sample(source, generate_windows(200, rates, seed=21))
     SnapshotStorage(url="s3://snapshots-bucket/loop", storage_options={"endpoint_url": s3_endpoint},
                     secret_options={"key": KEY, "secret": SECRET}).save("moto-snapshots", overwrite=True)
-    results = {}
+    results, spikes = {}, SpikeConfig(min_baseline_windows=3)
     for where, snapshots in {"local": SnapshotConfig(), "s3": SnapshotConfig(block="moto-snapshots")}.items():
-        config = LoopConfig(source=FileSource(path=str(source)), eval_workers=1, snapshots=snapshots)
+        config = LoopConfig(source=FileSource(path=str(source)), eval_workers=1, snapshots=snapshots, spikes=spikes)
         results[where] = triage(config=config, out=str(tmp_path / where))
 
     s3 = SnapshotStorage.load("moto-snapshots").get_store()
     local = SnapshotStore(str(tmp_path / "local" / "snapshots"))
-    assert s3.windows("scores") == local.windows("scores") and len(s3.windows("scores")) == 8
+    assert s3.windows("scores") == local.windows("scores") and len(s3.windows("scores")) == 4
     s3_series, local_series = read_series(s3), read_series(local)
     pd.testing.assert_frame_equal(s3_series, local_series)
-    config = LoopConfig()
-    pd.testing.assert_frame_equal(spike_checks(s3_series, config.spikes), spike_checks(local_series, config.spikes))
-    pd.testing.assert_frame_equal(new_failure_modes(s3_series, config.spikes),
-                                  new_failure_modes(local_series, config.spikes))
-    assert [w["spike"] is not None for w in results["s3"]["windows"]] == [False] * 7 + [True]
+    pd.testing.assert_frame_equal(spike_checks(s3_series, spikes), spike_checks(local_series, spikes))
+    pd.testing.assert_frame_equal(new_failure_modes(s3_series, spikes), new_failure_modes(local_series, spikes))
+    assert [w["spike"] is not None for w in results["s3"]["windows"]] == [False] * 3 + [True]
     assert results["s3"]["windows"][-1]["snapshot_uri"] == "s3://snapshots-bucket/loop"
     # The block's secret stays in the block: not in summaries (nor, through them, in artifacts or snapshots).
     windows = s3.read("windows", ["summary_json", "spike_json"]).to_pandas()

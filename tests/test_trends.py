@@ -96,16 +96,16 @@ def test_a_spike_rule_acts_once_per_spiking_window_also_on_rerun(history):
 
 
 def test_a_new_failure_mode_is_flagged(tmp_path):
-    """Tool errors, absent for seven windows, become a quarter of the failures; the failure rate stays flat."""
+    """Tool errors, absent for four windows, become a quarter of the failures; the failure rate stays flat."""
     base = {**DEFAULT_RATES, "tool_error": 0.0, "irrelevant_retrieval": 0.13}
-    rates = [base] * 7 + [{**DEFAULT_RATES, "tool_error": 0.10, "irrelevant_retrieval": 0.03}]
-    result, _ = run_loop(tmp_path, rates, 300, seed=8)
+    rates = [base] * 4 + [{**DEFAULT_RATES, "tool_error": 0.10, "irrelevant_retrieval": 0.03}]
+    result, _ = run_loop(tmp_path, rates, 300, seed=8, spikes=SpikeConfig(min_baseline_windows=4))
     spikes = [w["spike"] for w in result["windows"]]
-    assert spikes[:7] == [None] * 7
-    modes = {m["series"]: m for m in spikes[7]["new_failure_modes"]}
+    assert spikes[:4] == [None] * 4
+    modes = {m["series"]: m for m in spikes[4]["new_failure_modes"]}
     assert "root_cause:lookup_order (error)" in modes
     assert modes["root_cause:lookup_order (error)"]["share"] >= 0.25
-    assert all(s["series"] != "failure_rate" for s in spikes[7]["series"])
+    assert all(s["series"] != "failure_rate" for s in spikes[4]["series"])
 
 
 def test_noise_only_windows_over_a_month_give_no_alert_at_the_default_sensitivity():
