@@ -12,12 +12,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, unmapped
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from tasks.aggregate import aggregate_task, patterns_table, root_causes_table
 from tasks.attribute import SPAN_COLUMNS, attribute_task, attribution_table
 from tasks.cache import stable_hash, work_epoch
-from tasks.config import FileSource, LangSmithSource, LoopConfig
+from tasks.config import FileSource, LangSmithSource, LoopConfig, RunnerConfig
 from tasks.dispatch import dispatch_lock, dispatch_task
 from tasks.evaluate import evaluate_task, evaluation_workers, start_evaluation_workers
 from tasks.evaluators import import_ref
@@ -79,7 +79,7 @@ def triage_window(config: LoopConfig, window: WindowSpans, source_token: str, ou
         unmapped(window.path), batches, unmapped(config.evaluators), unmapped(window_start),
         [str(scores_dir / f"scores-{window_start:%Y%m%dT%H%M%SZ}-{eval_token or 'open'}-{b}.parquet")
          for b in batches],
-        unmapped(eval_token), unmapped(evaluation_workers(config.eval_workers)),
+        unmapped(eval_token), unmapped(1 if config.runner.dask_address else evaluation_workers(config.eval_workers)),
     )
     spans = pq.read_table(window.path, columns=SPAN_COLUMNS + ["latency_s"]).to_pandas()  # while workers score
     score_files = [f.result() for f in track_batches(futures, window_start)]
@@ -130,6 +130,16 @@ def windows_row(summary: dict[str, Any], verdicts: pd.DataFrame, start: datetime
     }], schema=WINDOWS)
 
 
+def task_runner(runner: RunnerConfig) -> TaskRunner:
+    """A bounded thread pool, or the Dask cluster at the runner's address (evaluation batches then run on its
+    workers, each evaluating in its own process)."""
+    if runner.dask_address:
+        from prefect_dask import DaskTaskRunner
+
+        return DaskTaskRunner(address=runner.dask_address)
+    return ThreadPoolTaskRunner(max_workers=runner.threads)
+
+
 def resolve_config(config: LoopConfig | None, config_block: str | None) -> LoopConfig:
     """The config of the named LoopConfigBlock, else `config`, else the defaults (the sample traces)."""
     if config_block:
@@ -150,7 +160,8 @@ def triage(
     """Triage every window of the source between `start` and `end` (all windows when omitted; for a LangSmith
     source, the last closed window). `config_block` names a LoopConfigBlock to use instead of `config`."""
     config = validate(resolve_config(config, config_block))
-    start_evaluation_workers(evaluation_workers(config.eval_workers))  # they import while the source loads
+    if not config.runner.dask_address:
+        start_evaluation_workers(evaluation_workers(config.eval_workers))  # they import while the source loads
     logger = get_run_logger()
     out_dir = Path(out)
     epoch = work_epoch(out_dir / "work")
@@ -173,7 +184,8 @@ def triage(
                and (end is None or w.window_start < end)]
     logger.info("%d windows of %s to triage (%d records skipped while reading)",
                 len(windows), source_file, sum(v["count"] for v in fetched.skipped.values()))
-    results = [triage_window(config, window, source_token, out, trace_url) for window in windows]
+    window_flow = triage_window.with_options(task_runner=task_runner(config.runner))
+    results = [window_flow(config, window, source_token, out, trace_url) for window in windows]
     return {"source": str(source_file), "skipped": fetched.skipped, "windows": results}
 
 

@@ -6,6 +6,7 @@ Everything is validated before any stage runs; errors name the field and the fix
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from datetime import timedelta
 from pathlib import Path
@@ -278,6 +279,25 @@ class SpikeConfig(_Strict):
     )
 
 
+class RunnerConfig(_Strict):
+    """Where a window's tasks run: a bounded thread pool here, or an existing Dask cluster."""
+
+    kind: Literal["threads", "dask"] = Field("threads", description="'threads' (default) or 'dask'.")
+    address: str | None = Field(None, description="For dask: the scheduler, e.g. tcp://10.0.0.5:8786; else "
+                                                  "$TRACETRIAGE_DASK_ADDRESS.")
+    threads: int = Field(4, ge=1, le=64, description="For threads: the pool's size.")
+
+    @model_validator(mode="after")
+    def _dask_has_an_address(self) -> RunnerConfig:
+        if self.kind == "dask" and not (self.address or os.environ.get("TRACETRIAGE_DASK_ADDRESS")):
+            raise ValueError("runner `kind: dask` needs `address: tcp://host:8786` or $TRACETRIAGE_DASK_ADDRESS")
+        return self
+
+    @property
+    def dask_address(self) -> str | None:
+        return (self.address or os.environ.get("TRACETRIAGE_DASK_ADDRESS")) if self.kind == "dask" else None
+
+
 class LoopConfig(_Strict):
     """A feedback loop: where runs come from, how they are scored, and what happens to failures."""
 
@@ -294,6 +314,7 @@ class LoopConfig(_Strict):
     )
     snapshots: SnapshotConfig = Field(default_factory=SnapshotConfig)
     spikes: SpikeConfig = Field(default_factory=SpikeConfig)
+    runner: RunnerConfig = Field(default_factory=RunnerConfig, description="Where a window's tasks run.")
     batch_size: int = Field(2000, ge=1, description="Traces per evaluation task (grown to keep at most 16 tasks).")
     eval_workers: int = Field(
         0, ge=0, le=256, description="Processes that evaluate batches: 0 is one per core, 1 evaluates in-process."
@@ -362,7 +383,7 @@ class ConfigError(ValueError):
 def _all_field_names() -> set[str]:
     names: set[str] = set()
     for cls in (LoopConfig, FileSource, SampleSource, LangSmithSource, RateLimit, WindowConfig, SpanTarget,
-                EvaluatorConfig, When, ActionConfig, SnapshotConfig, SpikeConfig):
+                EvaluatorConfig, When, ActionConfig, SnapshotConfig, SpikeConfig, RunnerConfig):
         names.update(cls.model_fields)
     return names
 

@@ -51,7 +51,11 @@ from jsonschema.exceptions import best_match
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-SPEC_PATH = Path(__file__).resolve().parents[2] / "shared" / "langsmith-openapi.json"
+# The official spec lives in ../shared beside the project; a byte-identical copy in tests/data keeps a clone
+# elsewhere testable (tests/test_langsmith_server.py checks the two agree whenever ../shared is there).
+SHARED_SPEC = Path(__file__).resolve().parents[2] / "shared" / "langsmith-openapi.json"
+SPEC_COPY = Path(__file__).resolve().parent / "data" / "langsmith-openapi.json"
+SPEC_PATH = SHARED_SPEC if SHARED_SPEC.exists() else SPEC_COPY
 TENANT_ID = "00000000-0000-4000-8000-000000007e57"
 _NAMESPACE = uuid.UUID("0b6f1f0e-5d2a-4a8e-9a57-7e57e57e5700")
 _SPEC_URI = "urn:langsmith-openapi"

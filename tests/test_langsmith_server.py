@@ -223,3 +223,12 @@ def test_spec_violations_are_rejected_and_recorded(server: LangSmithTestServer, 
     httpx.post(server.url + "/runs/query", headers={"X-API-Key": KEY}, json={"trace": bad["id"]})
     assert server.violations[-1]["direction"] == "response" and "total_tokens" in server.violations[-1]["message"]
     server.reset_log()
+
+
+def test_the_spec_copy_in_tests_data_is_the_shared_one():
+    from tests.langsmith_server import SHARED_SPEC, SPEC_COPY
+
+    copy = SPEC_COPY
+    if not SHARED_SPEC.exists():
+        pytest.skip("no ../shared here: the copy is what the server validates against")
+    assert copy.read_bytes() == SHARED_SPEC.read_bytes()
