@@ -1,6 +1,6 @@
 """Benchmark: a CPU-bound evaluator on 50,000 traces, the thread runner vs a 2-worker Dask cluster.
 
-    .venv/bin/python bench/scale.py [--traces 50000] [--work 20000]
+    .venv/bin/python bench/scale.py [--traces 50000] [--work 1000]
 
 The evaluator (`cpu_bound_answer_check`, below) hashes the answer `--work` times: pure
 Python, so threads share one core (the GIL) while Dask workers are processes. Both runs
@@ -25,7 +25,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.g
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
-WORK = int(os.environ.get("TRACETRIAGE_BENCH_WORK", "20000"))
+WORK = int(os.environ.get("TRACETRIAGE_BENCH_WORK", "1000"))
 
 
 def cpu_bound_answer_check(*, outputs: dict | None) -> dict:
