@@ -103,7 +103,10 @@ def triage_window(config: LoopConfig, window: WindowSpans, source_token: str, ou
               "root_causes": root_causes_table(root_causes), "evaluators": evaluators}
     if config.snapshots.spans:
         tables["spans"] = spans_snapshot(window.path, window_start)
-    snapshot = snapshot_task.submit(store, window_start, tables)  # written while dispatch runs
+    if config.runner.dask_address:  # submitting would ship the tables to a Dask worker: write them from here
+        snapshot = snapshot_task(store, window_start, tables, return_state=True)
+    else:
+        snapshot = snapshot_task.submit(store, window_start, tables)  # written while dispatch runs
     ledger = str(out_dir / "ledger.jsonl")
     with dispatch_lock(ledger):
         actions = dispatch_task(config, window_start, scores, verdicts, attribution, spike, ledger,
