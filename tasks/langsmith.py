@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -107,7 +107,6 @@ class FetchStats:
     runs: int = 0
     api: str = ""
     rate_limited: int = 0
-    errors: list[str] = field(default_factory=list)
 
 
 def _retry_after(headers: Any) -> float | None:
@@ -335,7 +334,10 @@ def window_range(start: datetime | None, end: datetime | None, size: timedelta, 
                  now: datetime | None = None) -> tuple[datetime, datetime]:
     """The windows a LangSmith run triages: `[start, end)` aligned, or by default the last closed window."""
     step = size.total_seconds()
-    align = lambda moment: datetime.fromtimestamp(moment.timestamp() // step * step, UTC)  # noqa: E731
+
+    def align(moment: datetime) -> datetime:
+        return datetime.fromtimestamp(moment.timestamp() // step * step, UTC)
+
     if start is None:
         closed = align((now or datetime.now(UTC)) - lag) - size
         return closed, closed + size

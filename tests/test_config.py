@@ -223,3 +223,16 @@ def test_validate_refuses_an_action_function_that_does_not_exist():
     ]))
     with pytest.raises(EvaluatorError, match=r"action function 'open_tiket' not found in module 'tasks.dispatch'"):
         validate(config)
+
+
+def test_the_last_closed_window_waits_for_the_lag_and_ranges_align_to_windows():
+    from datetime import UTC, datetime, timedelta
+
+    from tasks.langsmith import window_range
+
+    hour, lag = timedelta(hours=1), timedelta(minutes=10)
+    at = datetime(2026, 11, 2, 10, 5, tzinfo=UTC)  # 09:00-10:00 is not final until 10:10
+    assert window_range(None, None, hour, lag, now=at) == (datetime(2026, 11, 2, 8, tzinfo=UTC),
+                                                           datetime(2026, 11, 2, 9, tzinfo=UTC))
+    assert window_range(datetime(2026, 11, 2, 9, 30, tzinfo=UTC), datetime(2026, 11, 2, 11, tzinfo=UTC), hour,
+                        lag) == (datetime(2026, 11, 2, 9, tzinfo=UTC), datetime(2026, 11, 2, 11, tzinfo=UTC))
