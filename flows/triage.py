@@ -30,6 +30,7 @@ from tasks.scoring import bind_all, metadata_path
 from tasks.snapshot import open_store, snapshot_task, spans_snapshot
 from tasks.summary import publish_artifacts, summary_text, window_summary
 from tasks.trends import spike_task, window_series
+from tasks.webhook import Webhooks, webhook_secret
 from tasks.writeback import LangSmithWriter
 
 DEFAULT_OUT = ".tracetriage"
@@ -49,7 +50,14 @@ def validate(config: LoopConfig) -> LoopConfig:
         project_id(langsmith_client(config.source.credentials), config.source.project)
     elif any(a.writes_to_langsmith for a in config.actions):
         langsmith_client(None)
+    webhooks(config)  # every webhook secret is there before anything is sent
     return config
+
+
+def webhooks(config: LoopConfig) -> Webhooks | None:
+    """The webhook rules' secrets, resolved in the window (never passed as a parameter)."""
+    names = {config.action_name(i): a for i, a in enumerate(config.actions) if a.do == "webhook"}
+    return Webhooks({name: webhook_secret(rule) for name, rule in names.items()}) if names else None
 
 
 def langsmith_writer(config: LoopConfig) -> LangSmithWriter | None:
@@ -110,7 +118,8 @@ def triage_window(config: LoopConfig, window: WindowSpans, source_token: str, ou
     ledger = str(out_dir / "ledger.jsonl")
     with dispatch_lock(ledger):
         actions = dispatch_task(config, window_start, scores, verdicts, attribution, spike, ledger,
-                                str(out_dir / "actions.jsonl"), window.path, langsmith_writer(config)).as_dict()
+                                str(out_dir / "actions.jsonl"), window.path, langsmith_writer(config),
+                                webhooks(config)).as_dict()
     summary = window_summary(window_start, window_end, window.traces, window.spans, window.orphans, counts,
                              verdicts, config.evaluators, root_causes, patterns, actions, spike, snapshot.result(),
                              trace_url)

@@ -215,9 +215,10 @@ class When(_Strict):
 
 class ActionConfig(_Strict):
     when: When
-    do: Literal["log", "call", "feedback", "annotation_queue", "dataset"] = Field(
+    do: Literal["log", "call", "feedback", "annotation_queue", "dataset", "webhook"] = Field(
         description="'log': the local action log; 'call': a Python function; 'feedback': LangSmith feedback on the "
-                    "run; 'annotation_queue': a LangSmith review queue; 'dataset': LangSmith dataset examples.")
+                    "run; 'annotation_queue': a LangSmith review queue; 'dataset': LangSmith dataset examples; "
+                    "'webhook': a signed POST to `url`.")
     ref: str | None = Field(None, description="For do: call, the function 'package.module:function'.")
     name: str | None = Field(None, description="Action name used in its id; defaults to `do` and its index.")
     key: str | None = Field(None, description="For do: feedback, the feedback key; default the rule's evaluator.")
@@ -225,16 +226,26 @@ class ActionConfig(_Strict):
     queue: str | None = Field(None, description="For do: annotation_queue, the queue's name (created if missing).")
     rubric: str | None = Field(None, description="For do: annotation_queue, rubric instructions of a new queue.")
     dataset: str | None = Field(None, description="For do: dataset, the dataset's name (created if missing).")
+    url: str | None = Field(None, description="For do: webhook, the receiver (https, or http to localhost).")
+    secret_env: str | None = Field(None, description="For do: webhook, the env variable holding the HMAC secret.")
+    secret_block: str | None = Field(None, description="For do: webhook, a Prefect Secret block holding it.")
+    batch: int = Field(100, ge=1, le=1000, description="For do: webhook, failing runs per request.")
 
     @model_validator(mode="after")
     def _has_its_target(self) -> ActionConfig:
         needs = {"call": ("ref", "package.module:function"), "annotation_queue": ("queue", "NAME"),
-                 "dataset": ("dataset", "NAME")}
+                 "dataset": ("dataset", "NAME"), "webhook": ("url", "https://...")}
         if self.do in needs and not getattr(self, needs[self.do][0]):
             field, example = needs[self.do]
             raise ValueError(f"`do: {self.do}` needs `{field}: {example}`")
-        if self.when.spike and self.do in ("feedback", "annotation_queue", "dataset"):
+        if self.when.spike and self.do in ("feedback", "annotation_queue", "dataset", "webhook"):
             raise ValueError(f"`do: {self.do}` acts on runs; `when: {{spike: true}}` is about a window")
+        if self.do == "webhook":
+            from tasks.webhook import check_url
+
+            check_url(self.url)
+            if bool(self.secret_env) == bool(self.secret_block):
+                raise ValueError("`do: webhook` needs one of `secret_env: VARIABLE` or `secret_block: NAME`")
         return self
 
     @property

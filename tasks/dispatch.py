@@ -33,9 +33,10 @@ from tasks.config import LoopConfig, When
 from tasks.evaluators import import_ref
 from tasks.records import RecordFile
 from tasks.scoring import RunRows, records_path
+from tasks.webhook import Webhooks
 from tasks.writeback import LangSmithWriter
 
-WRITE_BACK = ("feedback", "annotation_queue", "dataset")
+WRITE_BACK = ("feedback", "annotation_queue", "dataset", "webhook")
 ACTION_NAMESPACE = uuid.UUID("0b6a3f0e-4f7e-4c1f-9f55-2f0e8d1c7a11")
 
 
@@ -188,7 +189,7 @@ def root_runs(window_spans_path: str, trace_ids: set[str]) -> dict[str, Any]:
 
 def dispatch_actions(
     config: LoopConfig, planned: list[dict[str, Any]], ledger: Ledger, action_log: ActionLog,
-    window_spans_path: str, writer: LangSmithWriter | None = None,
+    window_spans_path: str, writer: LangSmithWriter | None = None, webhooks: Webhooks | None = None,
 ) -> DispatchCounts:
     """Carry out planned actions not yet sent; returns the counts.
 
@@ -217,7 +218,10 @@ def dispatch_actions(
     for name in dict.fromkeys(p["action"] for p in remote):
         records = [p for p in remote if p["action"] == name]
         rule = rules[name]
-        if writer is None:
+        if rule.do == "webhook":
+            outcomes = webhooks.send(rule, name, records, config.name) if webhooks else \
+                [("failed", "no webhook secrets were resolved")] * len(records)
+        elif writer is None:
             outcomes = [("failed", "no LangSmith client: set LANGSMITH_API_KEY or source.credentials")] * len(records)
         else:
             outcomes = getattr(writer, rule.do)(rule, records, runs)
@@ -268,8 +272,8 @@ def dispatch_lock(ledger_path: str | Path) -> Iterator[None]:
 def dispatch_task(
     config: LoopConfig, window_start: datetime, scores: pd.DataFrame, verdicts: pd.DataFrame,
     attribution: pd.DataFrame, spike: dict[str, Any] | None, ledger_path: str, action_log_path: str,
-    window_spans_path: str, writer: LangSmithWriter | None = None,
+    window_spans_path: str, writer: LangSmithWriter | None = None, webhooks: Webhooks | None = None,
 ) -> DispatchCounts:
     planned = planned_actions(config, window_start, scores, verdicts, attribution, spike)
     return dispatch_actions(config, planned, Ledger(ledger_path), ActionLog(action_log_path), window_spans_path,
-                            writer)
+                            writer, webhooks)
