@@ -124,7 +124,7 @@ def triage_window(config: LoopConfig, window: WindowSpans, source_token: str, ou
                              verdicts, config.evaluators, root_causes, patterns, actions, spike, snapshot.result(),
                              trace_url)
     snapshot_task(store, window_start, {"windows": windows_row(summary, verdicts, window_start, window_end)})
-    publish_artifacts(summary)
+    publish_artifacts(summary, config.name)
     print(summary_text(summary))
     return summary
 

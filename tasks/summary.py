@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime
 from typing import Any
 
@@ -9,6 +10,7 @@ import pandas as pd
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.events import emit_event
 
 from tasks.config import EvaluatorConfig
 
@@ -122,8 +124,36 @@ def _artifact_key(window_start: str) -> str:
     return "".join(ch if ch.isalnum() else "-" for ch in window_start.lower())[:40].strip("-")
 
 
+def window_events(window: dict[str, Any], loop: str) -> list[dict[str, Any]]:
+    """Prefect events for a triaged window, and for its spike: what Automations trigger on.
+
+    Ids are uuid5 of loop, window and event, so a rerun repeats the same event and Prefect keeps it once.
+    """
+    start = window["window_start"]
+    resource = {"prefect.resource.id": f"tracetriage.window.{loop}.{start}", "prefect.resource.name": f"{loop} {start}",
+                "tracetriage.loop": loop, "tracetriage.window_start": start}
+    evaluators = [{"prefect.resource.id": f"tracetriage.evaluator.{key}", "prefect.resource.role": "evaluator"}
+                  for key in window["evaluators"]]
+    rate = window["failing_traces"] / window["traces"] if window["traces"] else 0.0
+    events = [{"event": "tracetriage.window.triaged", "resource": resource, "related": evaluators,
+               "payload": {"traces": window["traces"], "failing_traces": window["failing_traces"],
+                           "failure_rate": rate, "actions": window["actions"], "spike": window["spike"] is not None}}]
+    if window["spike"]:
+        spiked = [s["series"] for s in window["spike"]["series"]] + \
+                 [m["series"] for m in window["spike"]["new_failure_modes"]]
+        events.append({"event": "tracetriage.spike.detected", "resource": resource, "payload": window["spike"],
+                       "related": [{"prefect.resource.id": f"tracetriage.series.{name}",
+                                    "prefect.resource.role": "pattern" if name.startswith(("pattern:", "root_cause:"))
+                                    else "evaluator"} for name in spiked]})
+    for event in events:
+        event["id"] = uuid.uuid5(uuid.NAMESPACE_URL, f"tracetriage/{loop}/{start}/{event['event']}")
+    return events
+
+
 @task(name="publish-artifacts", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
-def publish_artifacts(window: dict[str, Any]) -> None:
+def publish_artifacts(window: dict[str, Any], loop: str = "tracetriage") -> None:
+    for event in window_events(window, loop):
+        emit_event(**event)
     key = _artifact_key(window["window_start"])
     rows = [{k: v for k, v in p.items() if k != "example_trace_ids"} for p in window["patterns"][:TOP]]
     create_table_artifact(table=rows or [{"condition": "no failures"}], key=f"patterns-{key}",

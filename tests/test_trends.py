@@ -51,7 +51,7 @@ def history(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp("history")
     actions = [ActionConfig(when=When(failing=True), do="log", name="log-failures"),
                ActionConfig(when=When(spike=True), do="log", name="spike-alert")]
-    result, config = run_loop(tmp, rates, 300, seed=5, actions=actions)
+    result, config = run_loop(tmp, rates, 300, seed=5, actions=actions, name="history")
     store = SnapshotStore(str(tmp / "out" / "snapshots"))
     return {"result": result, "config": config, "out": tmp / "out", "store": store}
 
@@ -257,3 +257,24 @@ def test_duckdb_and_polars_read_the_snapshots_as_the_readme_shows(history):
     modes = (pl.scan_parquet(f"{root}/patterns/*/*.parquet", missing_columns="insert")
              .group_by("condition").agg(pl.col("fail_share").mean()).sort("fail_share", descending=True).collect())
     assert modes.height > 0 and modes["fail_share"][0] <= 1
+
+
+def test_spikes_and_windows_are_prefect_events_for_automations(history):
+    """What an Automation that pages on a spike triggers on: one `tracetriage.spike.detected`, for window 25."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    def events(name: str) -> list[dict]:
+        body = {"filter": {"event": {"name": [name]}, "occurred": {"since": "2000-01-01T00:00:00Z"},
+                           "resource": {"id_prefix": ["tracetriage.window.history."]}}, "limit": 50}
+        response = httpx.post(f"{PREFECT_API_URL.value()}/events/filter", json=body, timeout=10)
+        return response.raise_for_status().json()["events"]
+
+    deadline = time.monotonic() + 20
+    while len(events("tracetriage.window.triaged")) < 30 and time.monotonic() < deadline:
+        time.sleep(0.5)  # the server writes events in the background
+    (spike,) = events("tracetriage.spike.detected")
+    assert spike["resource"]["tracetriage.window_start"] == history["result"]["windows"][SPIKE_WINDOW]["window_start"]
+    assert spike["payload"]["series"] and any(r["prefect.resource.role"] == "evaluator" for r in spike["related"])
+    triaged = events("tracetriage.window.triaged")
+    assert len({e["resource"]["tracetriage.window_start"] for e in triaged}) == 30
