@@ -191,6 +191,19 @@ class EvaluatorConfig(_Strict):
         return ", ".join(f"{k}={v}" for k, v in self.target.model_dump().items() if v is not None)
 
 
+class RootCause(_Strict):
+    """A failing trace's culprit span (see attribution): by span name, reason, or both."""
+
+    span: str | None = Field(None, description="The culprit span's name, e.g. lookup_order.")
+    reason: Literal["error", "below_threshold", "no_upstream_cause"] | None = None
+
+    @model_validator(mode="after")
+    def _names_something(self) -> RootCause:
+        if self.span is None and self.reason is None:
+            raise ValueError("a root_cause needs span or reason, e.g. {span: lookup_order, reason: error}")
+        return self
+
+
 class When(_Strict):
     """Which failing traces an action applies to."""
 
@@ -199,15 +212,17 @@ class When(_Strict):
     above: float | None = None
     failing: bool | None = Field(None, description="true: every failing trace.")
     spike: bool | None = Field(None, description="true: once per window whose failure rate spiked.")
+    root_cause: RootCause | None = Field(None, description="Failing traces whose culprit span matches.")
 
     @model_validator(mode="after")
     def _says_something(self) -> When:
         if self.spike:
-            if self.evaluator is not None or self.failing:
+            if self.evaluator is not None or self.failing or self.root_cause:
                 raise ValueError("`when: {spike: true}` is about the window; it takes no evaluator or failing")
             return self
-        if self.evaluator is None and not self.failing:
-            raise ValueError("a `when` needs an evaluator with below/above, `failing: true` or `spike: true`")
+        if self.evaluator is None and not self.failing and self.root_cause is None:
+            raise ValueError("a `when` needs an evaluator with below/above, `failing: true`, `root_cause:` or "
+                             "`spike: true`")
         if self.evaluator is not None and self.below is None and self.above is None:
             raise ValueError(f"`when: {{evaluator: {self.evaluator}}}` needs `below:` or `above:`")
         return self
@@ -394,7 +409,7 @@ class ConfigError(ValueError):
 def _all_field_names() -> set[str]:
     names: set[str] = set()
     for cls in (LoopConfig, FileSource, SampleSource, LangSmithSource, RateLimit, WindowConfig, SpanTarget,
-                EvaluatorConfig, When, ActionConfig, SnapshotConfig, SpikeConfig, RunnerConfig):
+                EvaluatorConfig, When, RootCause, ActionConfig, SnapshotConfig, SpikeConfig, RunnerConfig):
         names.update(cls.model_fields)
     return names
 

@@ -138,6 +138,14 @@ def planned_actions(
                                 "run_id": None, "spike": spike})
             continue
         matched = matching_traces(rule.when, scores, verdicts).merge(culprits, on="trace_id", how="left")
+        if rule.when.root_cause is not None:
+            cause = rule.when.root_cause
+            keep = matched["verdict"] == "fail"
+            if cause.span is not None:
+                keep &= matched["culprit_span"] == cause.span
+            if cause.reason is not None:
+                keep &= matched["culprit_reason"] == cause.reason
+            matched = matched[keep]
         matched = matched.sort_values("trace_id").astype(object).where(matched.notna(), None)
         for row in matched.to_dict("records"):
             planned.append({

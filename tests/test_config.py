@@ -236,3 +236,11 @@ def test_the_last_closed_window_waits_for_the_lag_and_ranges_align_to_windows():
                                                            datetime(2026, 11, 2, 9, tzinfo=UTC))
     assert window_range(datetime(2026, 11, 2, 9, 30, tzinfo=UTC), datetime(2026, 11, 2, 11, tzinfo=UTC), hour,
                         lag) == (datetime(2026, 11, 2, 9, tzinfo=UTC), datetime(2026, 11, 2, 11, tzinfo=UTC))
+
+
+def test_a_root_cause_rule_names_a_span_or_a_reason():
+    from tasks.config import When
+
+    with pytest.raises(ValueError, match="a root_cause needs span or reason"):
+        When(root_cause={})
+    assert When(root_cause={"reason": "error"}).root_cause.span is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import time
@@ -180,3 +181,17 @@ def test_two_runs_of_a_loop_at_once_dispatch_one_after_the_other(tmp_path):
         thread.join()
     first, second = sorted(held)
     assert second[0] >= first[1]
+
+
+def test_a_root_cause_rule_acts_on_exactly_the_traces_whose_culprit_it_names(small_sample, tmp_path):
+    config = LoopConfig(source=FileSource(path=str(small_sample)), eval_workers=1, actions=[
+        ActionConfig(when=When(root_cause={"span": "lookup_order", "reason": "error"}), do="log", name="tool-errors")])
+    result = triage(config=config, out=str(tmp_path))
+    logged = {json.loads(line)["trace_id"] for line in (tmp_path / "actions.jsonl").read_text().splitlines()}
+    culprits = read_table(tmp_path / "snapshots", "attribution").to_pandas()
+    culprits = culprits[culprits["is_culprit"] & (culprits["span_name"] == "lookup_order")
+                        & (culprits["reason"] == "error")]
+    assert logged == set(culprits["trace_id"]) and logged
+    expected = sum(c["traces"] for w in result["windows"] for c in w["root_causes"]
+                   if (c["span_name"], c["reason"]) == ("lookup_order", "error"))
+    assert len(logged) == expected
