@@ -81,14 +81,27 @@ def prefect_cli(env: dict[str, str], *args: str) -> str:
     return done.stdout
 
 
-def run_deployment(api: str, name: str, parameters: dict, timeout: float = 240) -> dict:
-    """What the UI's Run form does: create a flow run of the deployment with these parameters; wait for it."""
-    deployment = httpx.get(f"{api}/deployments/name/{name}", timeout=10).raise_for_status().json()
-    run = httpx.post(f"{api}/deployments/{deployment['id']}/create_flow_run", json={"parameters": parameters},
-                     timeout=10).raise_for_status().json()
+def api_call(method: str, url: str, **kwargs) -> dict:
+    """One API request, retried while the server is busy (a loaded SQLite-backed server answers 503 at times)."""
+    for attempt in range(6):
+        response = httpx.request(method, url, timeout=30, **kwargs)
+        if response.status_code < 500:
+            return response.raise_for_status().json()
+        time.sleep(0.5 * 2**attempt)
+    return response.raise_for_status().json()
+
+
+def run_deployment(api: str, name: str, parameters: dict, key: str, timeout: float = 240) -> dict:
+    """What the UI's Run form does: create a flow run of the deployment with these parameters; wait for it.
+
+    The idempotency key makes a retried create return the run the first attempt may have made.
+    """
+    deployment = api_call("GET", f"{api}/deployments/name/{name}")
+    run = api_call("POST", f"{api}/deployments/{deployment['id']}/create_flow_run",
+                   json={"parameters": parameters, "idempotency_key": key})
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        state = httpx.get(f"{api}/flow_runs/{run['id']}", timeout=10).raise_for_status().json()["state"]
+        state = api_call("GET", f"{api}/flow_runs/{run['id']}")["state"]
         if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
             return state
         time.sleep(1)
@@ -113,7 +126,7 @@ def test_the_backfill_deployment_runs_on_a_worker_and_a_second_run_sends_nothing
         "config": {"name": "deployed", "source": {"kind": "file", "path": str(source)}, "eval_workers": 1},
     }
     try:
-        first = run_deployment(api, "triage-backfill/triage-backfill", parameters)
+        first = run_deployment(api, "triage-backfill/triage-backfill", parameters, key="backfill-1")
         assert first["type"] == "COMPLETED", (tmp_path / "worker.log").read_text()[-4000:]
         store = SnapshotStore(str(out / "snapshots"))
         windows = store.read("windows", ["window_start", "failing_traces"]).to_pandas()
@@ -121,7 +134,7 @@ def test_the_backfill_deployment_runs_on_a_worker_and_a_second_run_sends_nothing
         logged = (out / "actions.jsonl").read_text().splitlines()
         assert len(logged) == windows["failing_traces"].sum() > 0
 
-        second = run_deployment(api, "triage-backfill/triage-backfill", parameters)
+        second = run_deployment(api, "triage-backfill/triage-backfill", parameters, key="backfill-2")
         assert second["type"] == "COMPLETED", (tmp_path / "worker.log").read_text()[-4000:]
         assert (out / "actions.jsonl").read_text().splitlines() == logged
         sent = Counter(e["action_id"] for e in map(json.loads, (out / "ledger.jsonl").read_text().splitlines())
