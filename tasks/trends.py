@@ -236,5 +236,4 @@ def spike_task(store: SnapshotStore, current: pd.DataFrame, window_start: dateti
                spikes: SpikeConfig) -> dict[str, Any] | None:
     """The current window (its series, not yet written) against the baseline in the snapshots."""
     past = read_series(store, baseline_windows(store, window_start, spikes))
-    past = past[past["window_start"] < pd.Timestamp(window_start)]
     return window_spike(pd.concat([past, current], ignore_index=True), window_start, spikes)

@@ -22,14 +22,13 @@ from langsmith import Client
 from langsmith import utils as ls_utils
 
 from tasks.config import ActionConfig
-from tasks.langsmith import RateLimiter
+from tasks.langsmith import ATTEMPTS, RateLimiter
 
 Outcome = tuple[str, Any]
 FEEDBACK_LIMIT = (2000, 10.0)
 OTHER_LIMIT = (1000, 10.0)
 BATCH = 100
 FEEDBACK_THREADS = 8
-ATTEMPTS = 8
 MISSING = "run not in the window's spans"
 
 
