@@ -12,13 +12,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, unmapped
+from prefect.runtime import flow_run
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from tasks.aggregate import aggregate_task, patterns_table, root_causes_table
 from tasks.attribute import SPAN_COLUMNS, attribute_task, attribution_table
 from tasks.cache import stable_hash, work_epoch
 from tasks.config import FileSource, LangSmithSource, LoopConfig, RunnerConfig
-from tasks.dispatch import dispatch_lock, dispatch_task
+from tasks.dispatch import Sinks, dispatch_lock, dispatch_task
 from tasks.evaluate import evaluate_task, evaluation_workers, start_evaluation_workers
 from tasks.evaluators import import_ref
 from tasks.fetch import SourceSpans, WindowSpans, fetch_task, langsmith_fetch_task, source_fingerprint, source_path
@@ -27,6 +28,7 @@ from tasks.partition import evaluators_table, partition_task, scores_for_analysi
 from tasks.progress import track_batches
 from tasks.schemas import SCHEMA_VERSION, WINDOWS
 from tasks.scoring import bind_all, metadata_path
+from tasks.slack import slack_target
 from tasks.snapshot import open_store, snapshot_task, spans_snapshot
 from tasks.summary import publish_artifacts, summary_text, window_summary
 from tasks.trends import spike_task, window_series
@@ -48,25 +50,29 @@ def validate(config: LoopConfig) -> LoopConfig:
             import_ref(action.ref, what="action function")
     if isinstance(config.source, LangSmithSource):
         project_id(langsmith_client(config.source.credentials), config.source.project)
-    elif any(a.writes_to_langsmith for a in config.actions):
-        langsmith_client(None)
-    webhooks(config)  # every webhook secret is there before anything is sent
+    sinks(config)  # every secret (webhooks, Slack, LangSmith) is there before anything is sent
     return config
 
 
-def webhooks(config: LoopConfig) -> Webhooks | None:
-    """The webhook rules' secrets, resolved in the window (never passed as a parameter)."""
-    names = {config.action_name(i): a for i, a in enumerate(config.actions) if a.do == "webhook"}
-    return Webhooks({name: webhook_secret(rule) for name, rule in names.items()}) if names else None
+def sinks(config: LoopConfig, window: dict[str, Any] | None = None) -> Sinks:
+    """The outside systems the rules write to, with their secrets resolved from blocks and env: built in the
+    window (and once at validation, so a missing secret stops the run before anything is sent), never passed
+    as a parameter."""
+    rules = {config.action_name(i): a for i, a in enumerate(config.actions)}
+    hooks = {name: webhook_secret(rule) for name, rule in rules.items() if rule.do == "webhook"}
+    writer = None
+    if any(a.writes_to_langsmith for a in config.actions):
+        credentials = config.source.credentials if isinstance(config.source, LangSmithSource) else None
+        writer = LangSmithWriter(langsmith_client(credentials))
+    return Sinks(langsmith=writer, webhooks=Webhooks(hooks) if hooks else None,
+                 slack={name: slack_target(rule) for name, rule in rules.items() if rule.do == "slack"},
+                 window=window or {}, flow_run_url=flow_run_link() if window else None)
 
 
-def langsmith_writer(config: LoopConfig) -> LangSmithWriter | None:
-    """The write-back for the rules that write to LangSmith (built in the window, never passed as a parameter:
-    it holds the API key)."""
-    if not any(a.writes_to_langsmith for a in config.actions):
-        return None
-    credentials = config.source.credentials if isinstance(config.source, LangSmithSource) else None
-    return LangSmithWriter(langsmith_client(credentials))
+def flow_run_link() -> str | None:
+    """The Prefect UI page of this flow run, for Slack messages (None without a Prefect UI)."""
+    url = flow_run.ui_url
+    return url if url and url.startswith("http") else None
 
 
 @flow(name="triage-window", task_runner=ThreadPoolTaskRunner(max_workers=WORKERS), log_prints=True)
@@ -115,14 +121,13 @@ def triage_window(config: LoopConfig, window: WindowSpans, source_token: str, ou
         snapshot = snapshot_task(store, window_start, tables, return_state=True)
     else:
         snapshot = snapshot_task.submit(store, window_start, tables)  # written while dispatch runs
-    ledger = str(out_dir / "ledger.jsonl")
-    with dispatch_lock(ledger):
-        actions = dispatch_task(config, window_start, scores, verdicts, attribution, spike, ledger,
-                                str(out_dir / "actions.jsonl"), window.path, langsmith_writer(config),
-                                webhooks(config)).as_dict()
     summary = window_summary(window_start, window_end, window.traces, window.spans, window.orphans, counts,
-                             verdicts, config.evaluators, root_causes, patterns, actions, spike, snapshot.result(),
-                             trace_url)
+                             verdicts, config.evaluators, root_causes, patterns, {}, spike, "", trace_url)
+    with dispatch_lock(out_dir / f"dispatch-{config.name}.lock"):
+        summary["actions"] = dispatch_task(config, window_start, scores, verdicts, attribution, patterns, spike, store,
+                                           str(out_dir / "actions.jsonl"), window.path,
+                                           sinks(config, summary)).as_dict()
+    summary["snapshot_uri"] = snapshot.result()
     snapshot_task(store, window_start, {"windows": windows_row(summary, verdicts, window_start, window_end)})
     publish_artifacts(summary, config.name)
     print(summary_text(summary))

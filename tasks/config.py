@@ -204,36 +204,68 @@ class RootCause(_Strict):
         return self
 
 
+class PatternBound(_Strict):
+    """A failure mode (a row of the patterns table) whose share of the window's failures passes a bound."""
+
+    condition: str | None = Field(None, description="Text the pattern's condition contains, e.g. 'search_docs' or "
+                                                     "'latency outlier' (case-insensitive).")
+    span: str | None = Field(None, description="The span the pattern is about, e.g. search_docs.")
+    share_above: float = Field(description="Act when this share of failing traces (0..1) has the pattern.", gt=0,
+                               le=1)
+    min_lift: float = Field(1.0, ge=0, description="And the pattern is this many times likelier among failures "
+                                                   "than passes (1.0: any).")
+
+
 class When(_Strict):
-    """Which failing traces an action applies to."""
+    """Which traces an action applies to, or which windows (`spike`, `pattern`)."""
 
     evaluator: str | None = Field(None, description="Evaluator key whose score is compared.")
+    span: str | None = Field(None, description="With a span evaluator: only the scores of spans with this name.")
     below: float | None = None
     above: float | None = None
     failing: bool | None = Field(None, description="true: every failing trace.")
-    spike: bool | None = Field(None, description="true: once per window whose failure rate spiked.")
+    spike: bool | None = Field(None, description="true: once per spike episode (and once when it recovers).")
     root_cause: RootCause | None = Field(None, description="Failing traces whose culprit span matches.")
+    pattern: PatternBound | None = Field(None, description="Once per window and failure mode whose share of "
+                                                           "failures passes `share_above`.")
 
     @model_validator(mode="after")
     def _says_something(self) -> When:
-        if self.spike:
-            if self.evaluator is not None or self.failing or self.root_cause:
-                raise ValueError("`when: {spike: true}` is about the window; it takes no evaluator or failing")
+        window_level = [k for k in ("spike", "pattern") if getattr(self, k)]
+        if window_level:
+            other = [k for k in ("evaluator", "span", "below", "above", "failing", "root_cause", "spike", "pattern")
+                     if getattr(self, k) is not None and k != window_level[0]]
+            if len(window_level) > 1 or other:
+                raise ValueError(f"`when: {{{window_level[0]}: ...}}` is about the window; it takes no "
+                                 f"{', '.join(other)}")
             return self
         if self.evaluator is None and not self.failing and self.root_cause is None:
-            raise ValueError("a `when` needs an evaluator with below/above, `failing: true`, `root_cause:` or "
-                             "`spike: true`")
+            raise ValueError("a `when` needs an evaluator with below/above, `failing: true`, `root_cause:`, "
+                             "`pattern:` or `spike: true`")
         if self.evaluator is not None and self.below is None and self.above is None:
             raise ValueError(f"`when: {{evaluator: {self.evaluator}}}` needs `below:` or `above:`")
+        if self.span is not None and self.evaluator is None:
+            raise ValueError(f"`when: {{span: {self.span}}}` compares a span evaluator's score: add `evaluator:` and "
+                             f"`below:` or `above:` (or use `root_cause: {{span: {self.span}}}`)")
         return self
+
+    @property
+    def is_window_level(self) -> bool:
+        return bool(self.spike or self.pattern)
+
+
+RUN_ACTIONS = ("feedback", "annotation_queue", "dataset")  # they act on runs, so never on a whole window
+SLACK_WEBHOOK_ENV = "SLACK_WEBHOOK_URL"
+SLACK_TOKEN_ENV = "SLACK_BOT_TOKEN"
 
 
 class ActionConfig(_Strict):
     when: When
-    do: Literal["log", "call", "feedback", "annotation_queue", "dataset", "webhook"] = Field(
+    do: Literal["log", "call", "feedback", "annotation_queue", "dataset", "webhook", "slack", "prefect_event"] = Field(
         description="'log': the local action log; 'call': a Python function; 'feedback': LangSmith feedback on the "
                     "run; 'annotation_queue': a LangSmith review queue; 'dataset': LangSmith dataset examples; "
-                    "'webhook': a signed POST to `url`.")
+                    "'webhook': a signed POST to `url`; 'slack': a Block Kit message; 'prefect_event': a Prefect "
+                    "event for Automations.")
     ref: str | None = Field(None, description="For do: call, the function 'package.module:function'.")
     name: str | None = Field(None, description="Action name used in its id; defaults to `do` and its index.")
     key: str | None = Field(None, description="For do: feedback, the feedback key; default the rule's evaluator.")
@@ -245,6 +277,21 @@ class ActionConfig(_Strict):
     secret_env: str | None = Field(None, description="For do: webhook, the env variable holding the HMAC secret.")
     secret_block: str | None = Field(None, description="For do: webhook, a Prefect Secret block holding it.")
     batch: int = Field(100, ge=1, le=1000, description="For do: webhook, failing runs per request.")
+    block: str | None = Field(None, description="For do: slack, a prefect-slack SlackWebhook block; else "
+                                                "`credentials`, else $SLACK_WEBHOOK_URL, else $SLACK_BOT_TOKEN.")
+    credentials: str | None = Field(None, description="For do: slack, a prefect-slack SlackCredentials block (bot "
+                                                      "token); posts with chat.postMessage to `channel`.")
+    channel: str | None = Field(None, description="For do: slack with a bot token, the channel, e.g. #llm-oncall.")
+    api_url: str | None = Field(None, description="For do: slack with a bot token, the Slack Web API base URL "
+                                                  "(default https://slack.com/api/).")
+    include_io: bool = Field(False, description="For do: slack, show the example traces' inputs and outputs.")
+    cooldown: str = Field("1h", description="For when: spike, the spike-free time that ends an episode (and "
+                                            "sends the recovery); a spike within it does not alert again.")
+    event: str | None = Field(None, description="For do: prefect_event, the event name; default "
+                                                "tracetriage.action.<action name>.")
+    sample: float = Field(1.0, gt=0, le=1, description="Act on this fraction of the matching traces, chosen by "
+                                                       "action id (a rerun chooses the same ones).")
+    max_per_window: int | None = Field(None, ge=1, description="Act on at most this many traces per window.")
 
     @model_validator(mode="after")
     def _has_its_target(self) -> ActionConfig:
@@ -253,19 +300,32 @@ class ActionConfig(_Strict):
         if self.do in needs and not getattr(self, needs[self.do][0]):
             field, example = needs[self.do]
             raise ValueError(f"`do: {self.do}` needs `{field}: {example}`")
-        if self.when.spike and self.do in ("feedback", "annotation_queue", "dataset", "webhook"):
-            raise ValueError(f"`do: {self.do}` acts on runs; `when: {{spike: true}}` is about a window")
+        if self.when.is_window_level and self.do in RUN_ACTIONS:
+            kind = "spike: true" if self.when.spike else "pattern: ..."
+            raise ValueError(f"`do: {self.do}` acts on runs; `when: {{{kind}}}` is about a window")
         if self.do == "webhook":
             from tasks.webhook import check_url
 
             check_url(self.url)
             if bool(self.secret_env) == bool(self.secret_block):
                 raise ValueError("`do: webhook` needs one of `secret_env: VARIABLE` or `secret_block: NAME`")
+        if self.do == "slack":
+            if self.block and self.credentials:
+                raise ValueError("`do: slack` takes `block:` (an incoming webhook) or `credentials:` (a bot token), "
+                                 "not both")
+            if self.credentials and not self.channel:
+                raise ValueError("`do: slack` with `credentials:` (a bot token) needs `channel: '#name'`")
+        if parse_duration(self.cooldown) <= timedelta(0):
+            raise ValueError(f"cooldown {self.cooldown!r} must be longer than zero, e.g. '1h'")
         return self
 
     @property
     def writes_to_langsmith(self) -> bool:
-        return self.do in ("feedback", "annotation_queue", "dataset")
+        return self.do in RUN_ACTIONS
+
+    @property
+    def cooldown_delta(self) -> timedelta:
+        return parse_duration(self.cooldown)
 
 
 class SnapshotConfig(_Strict):
@@ -327,7 +387,7 @@ class RunnerConfig(_Strict):
 class LoopConfig(_Strict):
     """A feedback loop: where runs come from, how they are scored, and what happens to failures."""
 
-    name: str = Field("tracetriage", description="Loop name: part of every action id.")
+    name: str = Field("tracetriage", description="Loop name: part of every action id and of the ledger's path.")
     source: Source = Field(default_factory=SampleSource)
     window: WindowConfig = Field(default_factory=WindowConfig)
     evaluators: list[EvaluatorConfig] = Field(
@@ -346,6 +406,13 @@ class LoopConfig(_Strict):
         0, ge=0, le=256, description="Processes that evaluate batches: 0 is one per core, 1 evaluates in-process."
     )
 
+    @field_validator("name")
+    @classmethod
+    def _name_is_plain(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", value):
+            raise ValueError(f"loop name {value!r} must be letters, digits, '_', '-' or '.'")
+        return value
+
     @model_validator(mode="after")
     def _cross_checks(self) -> LoopConfig:
         keys = [e.key for e in self.evaluators]
@@ -360,6 +427,9 @@ class LoopConfig(_Strict):
                 hint = difflib.get_close_matches(name, keys, n=1)
                 fix = f"; did you mean {hint[0]!r}?" if hint else f"; known keys: {keys}"
                 raise ValueError(f"actions[{i}].when.evaluator {name!r} is not an evaluator key{fix}")
+            if action.when.span is not None and next(e for e in self.evaluators if e.key == name).is_root:
+                raise ValueError(f"actions[{i}].when.span: evaluator {name!r} scores root runs; `span:` needs an "
+                                 f"evaluator with a span target")
         names = [a.name for a in self.actions if a.name]
         if len(names) != len(set(names)):
             raise ValueError("action names must be unique")

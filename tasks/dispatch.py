@@ -1,23 +1,27 @@
 """Stage 8, dispatch: actions chosen by rules, each done exactly once.
 
-Every action has a deterministic id, uuid5 of (loop, window, run, action name), and
-a ledger entry written before (`planned`) and after (`sent` / `failed`) the effect.
-A rerun skips what the ledger says was sent; a failed action is tried again on the
-next run. Receivers get the action id as an idempotency key, so a crash between an
-effect and its ledger entry is absorbed by the receiver (the action log ignores an
-id it already holds).
+Every action has a deterministic id, uuid5 of (loop, window, run or window event,
+action name), and a ledger entry written before (`planned`) and after (`sent` /
+`failed`, with the response or error) each send. The ledger lies beside the snapshots,
+on the same storage. A rerun skips what the ledger says was sent; a failed action is
+tried again on the next run. Receivers get the action id (or, for a batch, a key derived
+from its ids) as an idempotency key, so a crash between a send and its ledger entry is
+absorbed by the receiver: the action log and LangSmith ignore an id they hold, webhook
+receivers see the same `Idempotency-Key`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import inspect
 import os
+import time
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +31,26 @@ import pandas as pd
 import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.events import emit_event
 from prefect.tasks import exponential_backoff
+from pydantic import ValidationError
 
-from tasks.config import LoopConfig, When
+from tasks.config import ActionConfig, LoopConfig, When
 from tasks.evaluators import import_ref
 from tasks.records import RecordFile
 from tasks.scoring import RunRows, records_path
+from tasks.slack import SlackTarget, message, slack_target
+from tasks.snapshot import SnapshotStore, partition_name
+from tasks.summary import window_resource
+from tasks.trends import episode_event, recent_spikes
 from tasks.webhook import Webhooks
-from tasks.writeback import LangSmithWriter
+from tasks.writeback import BATCH, LangSmithWriter
 
-WRITE_BACK = ("feedback", "annotation_queue", "dataset", "webhook")
 ACTION_NAMESPACE = uuid.UUID("0b6a3f0e-4f7e-4c1f-9f55-2f0e8d1c7a11")
+LEDGER_DIR = "_ledger"
+FOLLOW_UPS = ("log", "feedback", "annotation_queue", "dataset", "slack", "prefect_event")
+
+Outcome = tuple[str, Any]
 
 
 def action_id(loop: str, window_start: datetime, run_id: str, action: str) -> str:
@@ -54,37 +67,68 @@ def _append_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
         os.fsync(handle.fileno())
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
+def _jsonl_rows(data: bytes) -> list[dict[str, Any]]:
     rows = []
-    with open(path, "rb") as handle:
-        for line in handle:
-            try:
-                rows.append(orjson.loads(line))
-            except orjson.JSONDecodeError:
-                continue  # a torn last line from a crash mid-write; its action was never confirmed
+    for line in data.splitlines():
+        try:
+            rows.append(orjson.loads(line))
+        except orjson.JSONDecodeError:
+            continue  # a torn last line from a crash mid-write; its action was never confirmed
     return rows
 
 
 class Ledger:
-    """Append-only JSONL of action states; the last state of an id wins."""
+    """The action states of one loop's window, beside the snapshots: `_ledger/<loop>/window_start=<ISO>/`.
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.states: dict[str, str] = {row["action_id"]: row["state"] for row in _read_jsonl(self.path)}
+    Every write is a new segment (one object PUT on S3/GCS; written, fsynced and renamed on a disk), never a
+    rewrite, named so segments sort in the order written. Reading replays them: the last entry of an id wins.
+
+    >>> ledger = Ledger(SnapshotStore("/tmp/tracetriage-doc-ledger"), "demo", datetime(2026, 11, 2, tzinfo=UTC))
+    >>> ledger.directory
+    '_ledger/demo/window_start=2026-11-02T00:00:00Z'
+    """
+
+    def __init__(self, store: SnapshotStore, loop: str, window_start: datetime):
+        self.store = store
+        self.directory = f"{LEDGER_DIR}/{loop}/{partition_name(window_start)}"
+        self.last: dict[str, dict[str, Any]] = {}
+        for _, data in store.objects(self.directory):
+            for row in _jsonl_rows(data):
+                self.last[row["action_id"]] = row
+        self._written = 0
+
+    @property
+    def states(self) -> dict[str, str]:
+        return {k: row["state"] for k, row in self.last.items()}
+
+    def state(self, action_id: str) -> str | None:
+        row = self.last.get(action_id)
+        return row["state"] if row else None
 
     def record(self, action_id: str, state: str, **detail: Any) -> None:
         self.record_many([{"action_id": action_id, **detail}], state)
 
     def record_many(self, entries: list[dict[str, Any]], state: str) -> None:
-        """One durable append for many entries (each a dict with `action_id` and details)."""
+        """One durable segment for many entries (each a dict with `action_id` and details)."""
         if not entries:
             return
         at = datetime.now(UTC).isoformat()
-        _append_jsonl(self.path, [{**entry, "state": state, "at": at} for entry in entries])
-        for entry in entries:
-            self.states[entry["action_id"]] = state
+        rows = [{**entry, "state": state, "at": at} for entry in entries]
+        self._written += 1
+        name = f"{time.time_ns():020d}-{os.getpid()}-{self._written:06d}.jsonl"
+        self.store.put_bytes(f"{self.directory}/{name}",
+                             b"".join(orjson.dumps(row, default=str) + b"\n" for row in rows))
+        for row in rows:
+            self.last[row["action_id"]] = row
+
+
+def read_ledger(store: SnapshotStore, loop: str) -> list[dict[str, Any]]:
+    """Every ledger entry of a loop, window by window, in the order written."""
+    rows = []
+    for window in store.listing(f"{LEDGER_DIR}/{loop}"):
+        for _, data in store.objects(f"{LEDGER_DIR}/{loop}/{window}"):
+            rows += _jsonl_rows(data)
+    return rows
 
 
 class ActionLog:
@@ -92,7 +136,8 @@ class ActionLog:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.ids = {row.get("action_id") for row in _read_jsonl(self.path)}
+        self.ids = {row.get("action_id") for row in _jsonl_rows(self.path.read_bytes())} if self.path.exists() \
+            else set()
 
     def write_many(self, records: list[dict[str, Any]]) -> list[bool]:
         """Append the records not logged yet, in one durable write; True where a record was new."""
@@ -110,6 +155,8 @@ def matching_traces(when: When, scores: pd.DataFrame, verdicts: pd.DataFrame) ->
     if when.evaluator is None:
         return traces.assign(evaluator=None, score=np.nan)
     rows = scores[(scores["evaluator"] == when.evaluator) & scores["score"].notna()]
+    if when.span is not None:
+        rows = rows[rows["span_name"] == when.span]
     hit = np.ones(len(rows), dtype=bool)
     if when.below is not None:
         hit &= (rows["score"] < when.below).to_numpy()
@@ -120,23 +167,72 @@ def matching_traces(when: When, scores: pd.DataFrame, verdicts: pd.DataFrame) ->
     return matched.assign(evaluator=when.evaluator, score=matched["trace_id"].map(worst).to_numpy())
 
 
+def _chosen(action_ids: list[str], sample: float) -> list[bool]:
+    """A rule's sample: the same actions on every run, as the choice hangs on the action id alone."""
+    if sample >= 1:
+        return [True] * len(action_ids)
+    return [int(hashlib.sha256(a.encode()).hexdigest()[:8], 16) < sample * 2**32 for a in action_ids]
+
+
+@dataclass
+class Plan:
+    """A window's planned actions, and how many matching traces each rule's sample or cap left out."""
+
+    actions: list[dict[str, Any]]
+    not_sampled: int = 0
+    over_cap: int = 0
+
+
+def window_actions(config: LoopConfig, window_start: datetime, spike: dict[str, Any] | None,
+                   patterns: pd.DataFrame, recent_spikes: list[datetime]) -> list[dict[str, Any]]:
+    """The rules about the window itself: spike episodes (start and recovery) and failure modes over a bound."""
+    window = window_start.isoformat()
+    planned = []
+    for index, rule in enumerate(config.actions):
+        name = config.action_name(index)
+        base = {"loop": config.name, "action": name, "do": rule.do, "window_start": window, "trace_id": None,
+                "run_id": None}
+        if rule.when.spike:
+            event = episode_event(spike is not None, recent_spikes, window_start, config.window.size_delta,
+                                  rule.cooldown_delta)
+            if event is not None:
+                if "episode" in event:
+                    event["episode"]["cooldown"] = rule.cooldown
+                subject = "spike" if event["event"] == "spike" else "recovery"
+                planned.append({"action_id": action_id(config.name, window_start, subject, name), **base, **event,
+                                "spike": spike})
+        elif rule.when.pattern:
+            bound = rule.when.pattern
+            for row in patterns.sort_values("condition").to_dict("records"):
+                if (row["fail_share"] > bound.share_above
+                        and (bound.span is None or row["span_name"] == bound.span)
+                        and (bound.condition is None or bound.condition.lower() in row["condition"].lower())
+                        and (row["lift"] is None or row["lift"] != row["lift"] or row["lift"] >= bound.min_lift)):
+                    pattern = {k: row[k] for k in ("condition", "kind", "span_name", "detail", "failing_traces",
+                                                   "fail_share", "pass_share", "lift")}
+                    pattern["example_trace_ids"] = list(row["example_trace_ids"])
+                    pattern = orjson.loads(orjson.dumps(pattern, default=str, option=orjson.OPT_SERIALIZE_NUMPY))
+                    planned.append({"action_id": action_id(config.name, window_start, f"pattern:{row['condition']}",
+                                                           name), **base, "event": "pattern",
+                                    "bound": bound.share_above, "pattern": pattern})
+    return planned
+
+
 def planned_actions(
     config: LoopConfig, window_start: datetime, scores: pd.DataFrame, verdicts: pd.DataFrame,
-    attribution: pd.DataFrame, spike: dict[str, Any] | None = None,
-) -> list[dict[str, Any]]:
-    """Every action the rules ask for in this window, in a stable order; `when: spike` rules once per window."""
+    attribution: pd.DataFrame, spike: dict[str, Any] | None = None, patterns: pd.DataFrame | None = None,
+    recent_spikes: list[datetime] | None = None,
+) -> Plan:
+    """Every action the rules ask for in this window, in a stable order."""
     culprits = attribution.loc[attribution["is_culprit"], ["trace_id", "run_id", "span_name", "reason"]].rename(
         columns={"run_id": "culprit_run_id", "span_name": "culprit_span", "reason": "culprit_reason"})
     window = window_start.isoformat()
-    planned: list[dict[str, Any]] = []
+    plan = Plan(window_actions(config, window_start, spike, patterns if patterns is not None else
+                               pd.DataFrame(columns=["condition"]), recent_spikes or []))
     for index, rule in enumerate(config.actions):
-        name = config.action_name(index)
-        if rule.when.spike:
-            if spike is not None:
-                planned.append({"action_id": action_id(config.name, window_start, "spike", name), "loop": config.name,
-                                "action": name, "do": rule.do, "window_start": window, "trace_id": None,
-                                "run_id": None, "spike": spike})
+        if rule.when.is_window_level:
             continue
+        name = config.action_name(index)
         matched = matching_traces(rule.when, scores, verdicts).merge(culprits, on="trace_id", how="left")
         if rule.when.root_cause is not None:
             cause = rule.when.root_cause
@@ -147,9 +243,16 @@ def planned_actions(
                 keep &= matched["culprit_reason"] == cause.reason
             matched = matched[keep]
         matched = matched.sort_values("trace_id").astype(object).where(matched.notna(), None)
-        for row in matched.to_dict("records"):
-            planned.append({
-                "action_id": action_id(config.name, window_start, row["trace_id"], name),
+        rows = matched.to_dict("records")
+        ids = [action_id(config.name, window_start, row["trace_id"], name) for row in rows]
+        chosen = [(i, row) for i, row, keep in zip(ids, rows, _chosen(ids, rule.sample), strict=True) if keep]
+        plan.not_sampled += len(rows) - len(chosen)
+        if rule.max_per_window is not None and len(chosen) > rule.max_per_window:
+            plan.over_cap += len(chosen) - rule.max_per_window
+            chosen = chosen[:rule.max_per_window]
+        for identity, row in chosen:
+            plan.actions.append({
+                "action_id": identity,
                 "loop": config.name,
                 "action": name,
                 "do": rule.do,
@@ -163,7 +266,7 @@ def planned_actions(
                 "culprit_span": row["culprit_span"],
                 "culprit_reason": row["culprit_reason"],
             })
-    return planned
+    return plan
 
 
 @dataclass
@@ -172,9 +275,32 @@ class DispatchCounts:
     sent: int = 0
     skipped_duplicate: int = 0
     failed: int = 0
+    not_sampled: int = 0
+    over_cap: int = 0
+    failures: dict[str, dict[str, Any]] = field(default_factory=dict)  # action -> {count, error}: nothing silent
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+    def add_failed(self, action: str, error: Any, count: int = 1) -> None:
+        self.failed += count
+        entry = self.failures.setdefault(action, {"count": 0, "error": str(error)[:300]})
+        entry["count"] += count
+
+
+@dataclass
+class Sinks:
+    """The outside systems of a window, built in the window from blocks and env (never flow parameters: they
+    hold secrets), and what their messages show."""
+
+    langsmith: LangSmithWriter | None = None
+    webhooks: Webhooks | None = None
+    slack: dict[str, SlackTarget] = field(default_factory=dict)
+    window: dict[str, Any] = field(default_factory=dict)  # the window's summary, for Slack messages
+    flow_run_url: str | None = None
+
+    def __repr__(self) -> str:
+        return f"Sinks(langsmith={self.langsmith is not None}, webhooks={self.webhooks!r}, slack={self.slack!r})"
 
 
 def _call_action(ref: str, record: dict[str, Any], run: Any) -> Any:
@@ -195,60 +321,148 @@ def root_runs(window_spans_path: str, trace_ids: set[str]) -> dict[str, Any]:
         return {str(rows.run(i).trace_id): rows.run(i) for i in range(table.num_rows)}
 
 
+def follow_ups(parent: dict[str, Any], rule: ActionConfig, then: list[Any]) -> tuple[list[dict], dict[str, Any]]:
+    """The actions a `call` asked for (`{"then": [...]}` in what it returned), as planned actions and rules.
+
+    Each is an action spec without `when`, e.g. `{"do": "annotation_queue", "queue": "escalations"}`; its id
+    derives from the call's, so a rerun plans the same ones. An invalid spec becomes an action that fails with
+    the reason (in the ledger and the summary), never a crash of the window.
+    """
+    planned, rules = [], {}
+    for i, spec in enumerate(then):
+        name = f"{parent['action']}.then-{i}"
+        record = {**parent, "action_id": str(uuid.uuid5(uuid.UUID(parent["action_id"]), f"then/{i}")),
+                  "action": name, "follow_up_of": parent["action_id"]}
+        try:
+            if not isinstance(spec, dict) or spec.get("do") not in FOLLOW_UPS:
+                raise ValueError(f"a follow-up action must be a dict with `do:` one of {', '.join(FOLLOW_UPS)}")
+            rules[name] = ActionConfig(when=rule.when, **{**spec, "name": name})
+            record["do"] = spec["do"]
+        except (ValueError, TypeError, ValidationError) as exc:
+            record["do"], record["invalid"] = "invalid", f"{type(exc).__name__}: {exc}"[:300]
+        planned.append(record)
+    return planned, rules
+
+
+def _prefect_event(rule: ActionConfig, record: dict[str, Any]) -> Outcome:
+    related = [{"prefect.resource.id": window_resource(record["loop"], record["window_start"])["prefect.resource.id"],
+                "prefect.resource.role": "window"}]
+    if record.get("evaluator"):
+        related.append({"prefect.resource.id": f"tracetriage.evaluator.{record['evaluator']}",
+                        "prefect.resource.role": "evaluator"})
+    if record.get("culprit_span"):
+        related.append({"prefect.resource.id": f"tracetriage.span.{record['culprit_span']}",
+                        "prefect.resource.role": "span"})
+    resource = window_resource(record["loop"], record["window_start"]) if record["trace_id"] is None else {
+        "prefect.resource.id": f"tracetriage.run.{record['trace_id']}", "tracetriage.loop": record["loop"],
+        "tracetriage.window_start": record["window_start"]}
+    emitted = emit_event(event=rule.event or f"tracetriage.action.{record['action']}", resource=resource,
+                         related=related, payload=_json_safe(record), id=uuid.UUID(record["action_id"]))
+    return ("sent", {"event_id": record["action_id"]}) if emitted else ("failed", "no Prefect API to emit events to")
+
+
+def _chunk_size(rule: ActionConfig | None, record: dict[str, Any], total: int) -> int:
+    """How many actions one send covers: the ledger is written after each send."""
+    do = rule.do if rule else "invalid"
+    if do in ("log", "invalid") or (do == "slack" and record["trace_id"] is not None):
+        return total  # one local write; one Slack message for all the traces a rule matched
+    return {"webhook": rule.batch if rule else 1, "feedback": BATCH, "annotation_queue": BATCH,
+            "dataset": BATCH, "prefect_event": BATCH}.get(do, 1)
+
+
 def dispatch_actions(
-    config: LoopConfig, planned: list[dict[str, Any]], ledger: Ledger, action_log: ActionLog,
-    window_spans_path: str, writer: LangSmithWriter | None = None, webhooks: Webhooks | None = None,
+    config: LoopConfig, plan: Plan | list[dict[str, Any]], ledger: Ledger, action_log: ActionLog,
+    window_spans_path: str, sinks: Sinks | None = None,
 ) -> DispatchCounts:
     """Carry out planned actions not yet sent; returns the counts.
 
-    The ledger gets every `planned` entry in one durable write before any effect, and
-    the outcomes after: a crash in between leaves `planned` entries, which the next run
-    carries out again (the action log ignores ids it holds; `call` functions receive
-    the action id to do the same).
+    The ledger gets every `planned` entry in one durable write before any effect, and each send's outcome right
+    after that send: a crash between two sends leaves the later ones `planned`, which the next run carries out
+    (receivers see the same idempotency keys). What a `call` asks for is kept in its `sent` entry, so a rerun
+    finds the follow-ups of calls it does not make again.
     """
-    counts = DispatchCounts(planned=len(planned))
-    todo = [p for p in planned if ledger.states.get(p["action_id"]) != "sent"]
-    counts.skipped_duplicate = len(planned) - len(todo)
+    sinks = sinks or Sinks()
+    plan = plan if isinstance(plan, Plan) else Plan(list(plan))
+    counts = DispatchCounts(planned=len(plan.actions), not_sampled=plan.not_sampled, over_cap=plan.over_cap)
+    rules = {config.action_name(i): rule for i, rule in enumerate(config.actions)}
+    todo = [p for p in plan.actions if ledger.state(p["action_id"]) != "sent"]
+    counts.skipped_duplicate = len(plan.actions) - len(todo)
     ledger.record_many([{"action_id": p["action_id"], "action": p["action"], "trace_id": p["trace_id"]}
                         for p in todo], "planned")
+    trace_ids = {p["trace_id"] for p in plan.actions if p["trace_id"]}
+    trace_ids |= {t for r in sinks.window.get("root_causes", []) for t in r["example_trace_ids"]}
+    runs = root_runs(window_spans_path, trace_ids) if any(p["do"] != "log" for p in todo) else {}
 
-    logged = [p for p in todo if p["do"] == "log"]
-    if logged:
-        new = action_log.write_many(logged)
-        ledger.record_many([{"action_id": p["action_id"], "response": "written" if is_new else "already logged"}
-                            for p, is_new in zip(logged, new, strict=True)], "sent")
-        counts.sent += len(logged)
-
-    calls = [p for p in todo if p["do"] == "call"]
-    remote = [p for p in todo if p["do"] in WRITE_BACK]
-    rules = {config.action_name(i): rule for i, rule in enumerate(config.actions)}
-    runs = root_runs(window_spans_path, {p["trace_id"] for p in calls + remote if p["trace_id"]})
-    for name in dict.fromkeys(p["action"] for p in remote):
-        records = [p for p in remote if p["action"] == name]
-        rule = rules[name]
-        if rule.do == "webhook":
-            outcomes = webhooks.send(rule, name, records, config.name) if webhooks else \
+    def send(rule: ActionConfig | None, records: list[dict[str, Any]]) -> list[Outcome]:
+        do = rule.do if rule else "invalid"
+        if do == "invalid":
+            return [("failed", r["invalid"]) for r in records]
+        if do == "log":
+            return [("sent", "written" if new else "already logged") for new in action_log.write_many(records)]
+        if do == "call":
+            try:
+                returned = _call_action(rule.ref, records[0], runs.get(records[0]["trace_id"]))
+            except Exception as exc:  # noqa: BLE001 - the user's function: recorded, tried again next run
+                return [("failed", f"{type(exc).__name__}: {exc}"[:500])]
+            return [("sent", _json_safe(returned))]
+        if do == "webhook":
+            return sinks.webhooks.send(rule, records[0]["action"], records, config.name) if sinks.webhooks else \
                 [("failed", "no webhook secrets were resolved")] * len(records)
-        elif writer is None:
-            outcomes = [("failed", "no LangSmith client: set LANGSMITH_API_KEY or source.credentials")] * len(records)
-        else:
-            outcomes = getattr(writer, rule.do)(rule, records, runs)
-        for state in ("sent", "failed"):
-            ledger.record_many([{"action_id": r["action_id"], ("response" if state == "sent" else "error"): detail}
-                                for r, (got, detail) in zip(records, outcomes, strict=True) if got == state], state)
-        sent = sum(got == "sent" for got, _ in outcomes)
-        counts.sent += sent
-        counts.failed += len(records) - sent
-    for record in calls:
-        try:
-            response = _call_action(rules[record["action"]].ref, record, runs.get(record["trace_id"]))
-        except Exception as exc:
-            ledger.record(record["action_id"], "failed", error=f"{type(exc).__name__}: {exc}"[:500])
-            counts.failed += 1
-            continue
-        ledger.record(record["action_id"], "sent", response=_json_safe(response))
-        counts.sent += 1
+        if do == "slack":
+            target = sinks.slack.get(records[0]["action"]) or slack_target(rule)
+            return [target.post(*message(records, rule, sinks.window, config.name, sinks.flow_run_url, runs))] \
+                * len(records)
+        if do == "prefect_event":
+            return [_prefect_event(rule, r) for r in records]
+        if sinks.langsmith is None:
+            return [("failed", "no LangSmith client: set LANGSMITH_API_KEY or source.credentials")] * len(records)
+        return getattr(sinks.langsmith, do)(rule, records, runs)
+
+    def carry_out(records: list[dict[str, Any]], rule_of: Callable[[str], ActionConfig | None]) -> None:
+        for name in dict.fromkeys(r["action"] for r in records):
+            group = [r for r in records if r["action"] == name]
+            rule = rule_of(name)
+            size = _chunk_size(rule, group[0], len(group))
+            for begin in range(0, len(group), size):
+                chunk = group[begin:begin + size]
+                try:
+                    outcomes = send(rule, chunk)
+                except Exception as exc:  # noqa: BLE001 - a sink that broke: recorded, tried again next run
+                    outcomes = [("failed", f"{type(exc).__name__}: {exc}"[:500])] * len(chunk)
+                sent = [(r, detail) for r, (got, detail) in zip(chunk, outcomes, strict=True) if got == "sent"]
+                failed = [(r, detail) for r, (got, detail) in zip(chunk, outcomes, strict=True) if got != "sent"]
+                ledger.record_many([{"action_id": r["action_id"], "action": name, "response": detail,
+                                     **_then(detail)} for r, detail in sent], "sent")
+                ledger.record_many([{"action_id": r["action_id"], "action": name, "error": detail}
+                                    for r, detail in failed], "failed")
+                counts.sent += len(sent)
+                if failed:
+                    counts.add_failed(name, failed[0][1], len(failed))
+
+    carry_out(todo, rules.get)
+
+    extra_rules: dict[str, ActionConfig] = {}
+    extra: list[dict[str, Any]] = []
+    for parent in plan.actions:
+        row = ledger.last.get(parent["action_id"], {})
+        if parent["do"] == "call" and row.get("state") == "sent" and row.get("then"):
+            planned, more = follow_ups(parent, rules[parent["action"]], row["then"])
+            extra += planned
+            extra_rules.update(more)
+    counts.planned += len(extra)
+    extra_todo = [p for p in extra if ledger.state(p["action_id"]) != "sent"]
+    counts.skipped_duplicate += len(extra) - len(extra_todo)
+    ledger.record_many([{"action_id": p["action_id"], "action": p["action"], "trace_id": p["trace_id"],
+                         "follow_up_of": p["follow_up_of"]} for p in extra_todo], "planned")
+    carry_out(extra_todo, extra_rules.get)
     return counts
+
+
+def _then(response: Any) -> dict[str, Any]:
+    """A call's request for further actions, kept in its ledger entry."""
+    if isinstance(response, dict) and isinstance(response.get("then"), list):
+        return {"then": response["then"]}
+    return {}
 
 
 def _json_safe(value: Any) -> Any:
@@ -256,15 +470,15 @@ def _json_safe(value: Any) -> Any:
 
 
 @contextlib.contextmanager
-def dispatch_lock(ledger_path: str | Path) -> Iterator[None]:
-    """One dispatch per ledger at a time: a scheduled run and a manual rerun of the same window cannot both
+def dispatch_lock(path: str | Path) -> Iterator[None]:
+    """One dispatch per loop at a time: a scheduled run and a manual rerun of the same window cannot both
     send; the second reads the ledger after the first has written it.
 
-    An exclusive `flock` on `<ledger>.lock`, held by processes on the machine whose disk holds the ledger
-    (a Prefect global concurrency limit did the same at about 2 s per window). The kernel drops it when its
-    holder dies, so a crashed run never leaves the loop locked.
+    An exclusive `flock` on a local lock file, held by processes on one machine (a Prefect global concurrency
+    limit did the same at about 2 s per window; across machines, the deployments' `concurrency_limit: 1`
+    does). The kernel drops it when its holder dies, so a crashed run never leaves the loop locked.
     """
-    path = Path(f"{ledger_path}.lock")
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -279,9 +493,11 @@ def dispatch_lock(ledger_path: str | Path) -> Iterator[None]:
 @task(name="dispatch", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2))
 def dispatch_task(
     config: LoopConfig, window_start: datetime, scores: pd.DataFrame, verdicts: pd.DataFrame,
-    attribution: pd.DataFrame, spike: dict[str, Any] | None, ledger_path: str, action_log_path: str,
-    window_spans_path: str, writer: LangSmithWriter | None = None, webhooks: Webhooks | None = None,
+    attribution: pd.DataFrame, patterns: pd.DataFrame, spike: dict[str, Any] | None, store: SnapshotStore,
+    action_log_path: str, window_spans_path: str, sinks: Sinks | None = None,
 ) -> DispatchCounts:
-    planned = planned_actions(config, window_start, scores, verdicts, attribution, spike)
-    return dispatch_actions(config, planned, Ledger(ledger_path), ActionLog(action_log_path), window_spans_path,
-                            writer, webhooks)
+    lookback = max([r.cooldown_delta for r in config.actions if r.when.spike], default=timedelta(0))
+    recent = recent_spikes(store, window_start, lookback + config.window.size_delta) if lookback else []
+    plan = planned_actions(config, window_start, scores, verdicts, attribution, spike, patterns, recent)
+    return dispatch_actions(config, plan, Ledger(store, config.name, window_start), ActionLog(action_log_path),
+                            window_spans_path, sinks)

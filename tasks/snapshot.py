@@ -102,18 +102,45 @@ class SnapshotStore:
         os.replace(tmp, final)
         return final
 
+    def put_bytes(self, relative: str, data: bytes) -> None:
+        """Write one whole object under the store (a ledger segment): renamed into place after an fsync on a
+        disk, one PUT on object storage, so it is durable and never seen half-written."""
+        path = f"{self.root}/{relative}"
+        if not self.is_local:
+            with self.fs.open_output_stream(path) as out:
+                out.write(data)
+            return
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+        with open(tmp, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+
+    def objects(self, relative: str) -> list[tuple[str, bytes]]:
+        """Every object directly under a directory of the store (tmp files excluded), by name, with its bytes."""
+        out = []
+        for name in self.listing(relative):
+            if not name.endswith(".tmp"):
+                with self.fs.open_input_stream(f"{self.root}/{relative}/{name}") as stream:
+                    out.append((name, stream.read()))
+        return out
+
+    def listing(self, relative: str) -> list[str]:
+        """Names directly under a directory of the store."""
+        directory = f"{self.root}/{relative}"
+        if self.is_local:
+            return sorted(p.name for p in Path(directory).iterdir()) if Path(directory).is_dir() else []
+        try:
+            return sorted(e.rstrip("/").rsplit("/", 1)[-1]
+                          for e in self._fsspec.ls(directory, detail=False, refresh=True))
+        except FileNotFoundError:
+            return []
+
     def windows(self, table_name: str) -> list[datetime]:
         """Window starts that have a partition of this table, oldest first (one listing call)."""
-        if self.is_local:
-            base = Path(self._dir(table_name))
-            names = [p.name for p in base.iterdir()] if base.is_dir() else []
-        else:
-            try:
-                entries = self._fsspec.ls(self._dir(table_name), detail=False, refresh=True)
-            except FileNotFoundError:
-                entries = []
-            names = [e.rstrip("/").rsplit("/", 1)[-1] for e in entries]
-        return sorted(partition_start(n) for n in names if n.startswith(PREFIX))
+        return sorted(partition_start(n) for n in self.listing(table_name) if n.startswith(PREFIX))
 
     def read(
         self, table_name: str, columns: list[str] | None = None, windows: list[datetime] | None = None

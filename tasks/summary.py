@@ -88,7 +88,11 @@ def summary_text(window: dict[str, Any], top: int = 5) -> str:
     lines += spike_lines(window.get("spike"))
     a = window["actions"]
     lines.append(f"  actions: {a['planned']} planned, {a['sent']} sent, {a['skipped_duplicate']} already done, "
-                 f"{a['failed']} failed")
+                 f"{a['failed']} failed" + (f", {a['not_sampled']} not sampled" if a.get("not_sampled") else "")
+                 + (f", {a['over_cap']} over the cap" if a.get("over_cap") else ""))
+    for action, failure in (a.get("failures") or {}).items():
+        lines.append(f"    FAILED {action}: {failure['count']} actions, e.g. {failure['error']} "
+                     "(tried again on the next run)")
     return "\n".join(lines)
 
 
@@ -124,14 +128,20 @@ def _artifact_key(window_start: str) -> str:
     return "".join(ch if ch.isalnum() else "-" for ch in window_start.lower())[:40].strip("-")
 
 
+def window_resource(loop: str, window_start: str) -> dict[str, str]:
+    """The Prefect event resource of a loop's window."""
+    return {"prefect.resource.id": f"tracetriage.window.{loop}.{window_start}",
+            "prefect.resource.name": f"{loop} {window_start}", "tracetriage.loop": loop,
+            "tracetriage.window_start": window_start}
+
+
 def window_events(window: dict[str, Any], loop: str) -> list[dict[str, Any]]:
     """Prefect events for a triaged window, and for its spike: what Automations trigger on.
 
     Ids are uuid5 of loop, window and event, so a rerun repeats the same event and Prefect keeps it once.
     """
     start = window["window_start"]
-    resource = {"prefect.resource.id": f"tracetriage.window.{loop}.{start}", "prefect.resource.name": f"{loop} {start}",
-                "tracetriage.loop": loop, "tracetriage.window_start": start}
+    resource = window_resource(loop, start)
     evaluators = [{"prefect.resource.id": f"tracetriage.evaluator.{key}", "prefect.resource.role": "evaluator"}
                   for key in window["evaluators"]]
     rate = window["failing_traces"] / window["traces"] if window["traces"] else 0.0

@@ -24,7 +24,7 @@ import contextlib
 import math
 import warnings
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -237,3 +237,29 @@ def spike_task(store: SnapshotStore, current: pd.DataFrame, window_start: dateti
     """The current window (its series, not yet written) against the baseline in the snapshots."""
     past = read_series(store, baseline_windows(store, window_start, spikes))
     return window_spike(pd.concat([past, current], ignore_index=True), window_start, spikes)
+
+
+def recent_spikes(store: SnapshotStore, window_start: datetime, lookback: timedelta) -> list[datetime]:
+    """Starts of the windows in `[window_start - lookback, window_start)` whose snapshot says they spiked."""
+    windows = [w for w in store.windows("windows") if window_start - lookback <= w < window_start]
+    if not windows:
+        return []
+    table = store.read("windows", ["window_start", "spike"], windows).to_pandas()
+    return sorted(t.to_pydatetime() for t in table.loc[table["spike"].fillna(False).astype(bool), "window_start"])
+
+
+def episode_event(spiking: bool, recent: list[datetime], window_start: datetime, size: timedelta,
+                  cooldown: timedelta) -> dict[str, Any] | None:
+    """What a spike rule does in this window: open an episode, close one, or nothing.
+
+    An episode runs from a spiking window until `cooldown` has passed without a spike. A spike inside the
+    cooldown belongs to the episode (no second alert); the window in which the cooldown runs out carries the
+    recovery. Decided from the windows before this one alone, so a rerun decides the same.
+    """
+    before = [w for w in recent if w < window_start]
+    quiet = window_start - (max(before) + size) if before else None  # spike-free time before this window
+    if spiking:
+        return {"event": "spike"} if quiet is None or quiet >= cooldown else None
+    if quiet is not None and quiet < cooldown <= quiet + size:
+        return {"event": "recovered", "episode": {"last_spike_window": max(before).isoformat()}}
+    return None

@@ -51,11 +51,14 @@ def check_url(url: str) -> str:
 
 
 def webhook_payload(records: list[dict[str, Any]], action: str, loop: str, window_start: str) -> dict[str, Any]:
-    """The body of one batch: the window, and each failing run with its score and culprit span."""
+    """The body of one batch: the window, and each failing run with its score and culprit span; for the rules
+    about a window (`when: spike` / `pattern`), `events` instead: the spike, its recovery, or the failure mode."""
     keys = ("action_id", "trace_id", "run_id", "evaluator", "score", "verdict", "culprit_run_id", "culprit_span",
             "culprit_reason")
+    event_keys = ("action_id", "event", "spike", "episode", "pattern", "bound")
     return {"version": PAYLOAD_VERSION, "loop": loop, "action": action, "window_start": window_start,
-            "runs": [{k: r.get(k) for k in keys} for r in records]}
+            "runs": [{k: r.get(k) for k in keys} for r in records if r["trace_id"] is not None],
+            "events": [{k: r[k] for k in event_keys if k in r} for r in records if r["trace_id"] is None]}
 
 
 def send_webhooks(

@@ -3,7 +3,6 @@ and the backfill run twice through the API with parameters, as the UI's Run form
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -16,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tasks.dispatch import read_ledger
 from tasks.sample import SAMPLE_START, generate_traces, write_sample
 from tasks.snapshot import SnapshotStore
 
@@ -137,8 +137,7 @@ def test_the_backfill_deployment_runs_on_a_worker_and_a_second_run_sends_nothing
         second = run_deployment(api, "triage-backfill/triage-backfill", parameters, key="backfill-2")
         assert second["type"] == "COMPLETED", (tmp_path / "worker.log").read_text()[-4000:]
         assert (out / "actions.jsonl").read_text().splitlines() == logged
-        sent = Counter(e["action_id"] for e in map(json.loads, (out / "ledger.jsonl").read_text().splitlines())
-                       if e["state"] == "sent")
+        sent = Counter(e["action_id"] for e in read_ledger(store, "deployed") if e["state"] == "sent")
         assert len(sent) == len(logged) and set(sent.values()) == {1}
     finally:
         stop(worker, (signal.SIGINT, signal.SIGINT, signal.SIGTERM))

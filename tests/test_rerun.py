@@ -14,9 +14,9 @@ import pytest
 from flows.loop import feedback_loop
 from flows.triage import triage
 from tasks.config import ActionConfig, FileSource, LoopConfig, When
-from tasks.dispatch import Ledger, dispatch_lock
+from tasks.dispatch import LEDGER_DIR, dispatch_lock, read_ledger
 from tasks.sample import generate_traces, write_sample
-from tasks.snapshot import SNAPSHOT_TABLES, read_table
+from tasks.snapshot import SNAPSHOT_TABLES, SnapshotStore, read_table
 
 CALLS: list[tuple[str, float | None]] = []
 FLAKY = {"fail": True}
@@ -63,8 +63,9 @@ def test_a_second_run_leaves_snapshots_equal_row_for_row_and_the_action_log_unch
     for name, table in _snapshots(tmp_path).items():
         pd.testing.assert_frame_equal(table, tables_after_first[name], obj=name)
     for before, after in zip(first["windows"], second["windows"], strict=True):
-        assert after["actions"] == {"planned": before["actions"]["planned"], "sent": 0,
-                                    "skipped_duplicate": before["actions"]["planned"], "failed": 0}
+        assert after["actions"] == {"planned": before["actions"]["planned"], "sent": 0, "failures": {},
+                                    "skipped_duplicate": before["actions"]["planned"], "failed": 0, "not_sampled": 0,
+                                    "over_cap": 0}
         assert before["actions"]["sent"] == before["actions"]["planned"] > 0
 
 
@@ -85,8 +86,8 @@ def test_an_action_whose_ledger_entry_was_lost_is_not_logged_twice(small_sample,
     config = LoopConfig(source=FileSource(path=str(small_sample)))
     triage(config=config, out=str(tmp_path))
     lines = (tmp_path / "actions.jsonl").read_text().splitlines()
-    ledger = tmp_path / "ledger.jsonl"
-    ledger.write_text("".join(line + "\n" for line in ledger.read_text().splitlines() if '"sent"' not in line))
+    for segment in (tmp_path / "snapshots" / LEDGER_DIR).rglob("*.jsonl"):
+        segment.write_text("".join(line + "\n" for line in segment.read_text().splitlines() if '"sent"' not in line))
 
     again = triage(config=config, out=str(tmp_path))
 
@@ -130,7 +131,7 @@ def test_a_failed_action_is_reported_and_retried_on_the_next_run(small_sample, t
 
     assert sum(w["actions"]["sent"] for w in second["windows"]) == failed
     assert len(CALLS) == len(set(CALLS)) == failed
-    states = Ledger(tmp_path / "ledger.jsonl").states
+    states = {row["action_id"]: row["state"] for row in _ledger_rows(tmp_path)}
     assert set(states.values()) == {"sent"}
 
 
@@ -157,10 +158,8 @@ def test_feedback_loop_without_a_source_says_what_to_pass():
         feedback_loop("support-bot", evaluator=lambda outputs: 1.0)
 
 
-def _ledger_rows(out: Path) -> list[dict]:
-    import json
-
-    return [json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines()]
+def _ledger_rows(out: Path, loop: str = "tracetriage") -> list[dict]:
+    return read_ledger(SnapshotStore(str(out / "snapshots")), loop)
 
 
 def test_two_runs_of_a_loop_at_once_dispatch_one_after_the_other(tmp_path):
@@ -169,7 +168,7 @@ def test_two_runs_of_a_loop_at_once_dispatch_one_after_the_other(tmp_path):
     held: list[tuple[float, float]] = []
 
     def dispatch() -> None:
-        with dispatch_lock(tmp_path / "ledger.jsonl"):
+        with dispatch_lock(tmp_path / "dispatch.lock"):
             began = time.monotonic()
             time.sleep(0.5)
             held.append((began, time.monotonic()))

@@ -80,19 +80,22 @@ def test_trends_flag_the_same_window_when_read_back_from_the_snapshots(history):
     assert spiking == [pd.Timestamp(history["result"]["windows"][SPIKE_WINDOW]["window_start"])]
 
 
-def test_a_spike_rule_acts_once_per_spiking_window_also_on_rerun(history):
+def test_a_spike_rule_acts_once_when_the_episode_starts_and_once_when_it_recovers_also_on_rerun(history):
     def spike_records() -> list[dict]:
         lines = (history["out"] / "actions.jsonl").read_text().splitlines()
         return [r for r in map(json.loads, lines) if r["action"] == "spike-alert"]
 
-    (record,) = spike_records()
-    assert record["window_start"] == history["result"]["windows"][SPIKE_WINDOW]["window_start"]
-    assert record["spike"]["series"]
-    start = pd.Timestamp(record["window_start"]).to_pydatetime()
-    again = triage(config=history["config"], start=start, end=start + timedelta(hours=1), out=str(history["out"]))
-    (window,) = again["windows"]
-    assert window["spike"] is not None and window["actions"]["sent"] == 0
-    assert len(spike_records()) == 1
+    alert, recovery = spike_records()
+    windows = history["result"]["windows"]
+    assert (alert["event"], alert["window_start"]) == ("spike", windows[SPIKE_WINDOW]["window_start"])
+    assert alert["spike"]["series"]
+    assert (recovery["event"], recovery["window_start"]) == ("recovered", windows[SPIKE_WINDOW + 1]["window_start"])
+    assert recovery["episode"]["last_spike_window"] == alert["window_start"]
+    start = pd.Timestamp(alert["window_start"]).to_pydatetime()
+    again = triage(config=history["config"], start=start, end=start + timedelta(hours=2), out=str(history["out"]))
+    assert again["windows"][0]["spike"] is not None
+    assert [w["actions"]["sent"] for w in again["windows"]] == [0, 0]
+    assert len(spike_records()) == 2
 
 
 def test_a_new_failure_mode_is_flagged(tmp_path):
