@@ -335,7 +335,8 @@ def follow_ups(parent: dict[str, Any], rule: ActionConfig, then: list[Any]) -> t
                   "action": name, "follow_up_of": parent["action_id"]}
         try:
             if not isinstance(spec, dict) or spec.get("do") not in FOLLOW_UPS:
-                raise ValueError(f"a follow-up action must be a dict with `do:` one of {', '.join(FOLLOW_UPS)}")
+                raise ValueError(f"follow-up {spec!r} of {parent['action']!r}: a follow-up is a dict with `do:` one "
+                                 f"of {', '.join(FOLLOW_UPS)}")
             rules[name] = ActionConfig(when=rule.when, **{**spec, "name": name})
             record["do"] = spec["do"]
         except (ValueError, TypeError, ValidationError) as exc:
