@@ -35,7 +35,7 @@ from prefect.events import emit_event
 from prefect.tasks import exponential_backoff
 from pydantic import ValidationError
 
-from tasks.config import ActionConfig, LoopConfig, When
+from tasks.config import RUN_ACTIONS, ActionConfig, LoopConfig, When
 from tasks.evaluators import import_ref
 from tasks.records import RecordFile
 from tasks.scoring import RunRows, records_path
@@ -390,9 +390,10 @@ def dispatch_actions(
     counts.skipped_duplicate = len(plan.actions) - len(todo)
     ledger.record_many([{"action_id": p["action_id"], "action": p["action"], "trace_id": p["trace_id"]}
                         for p in todo], "planned")
+    need_runs = {"call", "slack", *RUN_ACTIONS}  # (the rest send the action record alone)
     trace_ids = {p["trace_id"] for p in plan.actions if p["trace_id"]}
     trace_ids |= {t for r in sinks.window.get("root_causes", []) for t in r["example_trace_ids"]}
-    runs = root_runs(window_spans_path, trace_ids) if any(p["do"] != "log" for p in todo) else {}
+    runs = root_runs(window_spans_path, trace_ids) if any(p["do"] in need_runs for p in todo) else {}
 
     def send(rule: ActionConfig | None, records: list[dict[str, Any]]) -> list[Outcome]:
         do = rule.do if rule else "invalid"

@@ -13,9 +13,12 @@ Messages hold rates, shares, span names and trace links; runs' inputs and output
 
 from __future__ import annotations
 
+import itertools
+import logging
 import os
 from typing import Any
 from urllib.error import URLError
+from urllib.parse import urlsplit
 
 from slack_sdk import WebClient, WebhookClient
 from slack_sdk.errors import SlackApiError
@@ -49,6 +52,37 @@ def retry_handlers() -> list:
             ConnectionErrorRetryHandler(max_retry_count=RETRIES)]
 
 
+class _Redact(logging.Filter):
+    """Blanks a secret in every record of a client's logger: slack_sdk logs the request URL (an incoming
+    webhook's URL is its credential) at DEBUG, and again at INFO when it retries."""
+
+    def __init__(self, secret: str, shown: str):
+        super().__init__()
+        self.secret, self.shown = secret, shown
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if self.secret in message:
+            record.msg, record.args = message.replace(self.secret, self.shown), None
+        return True
+
+
+_LOGGERS = itertools.count()
+
+
+def redacting_logger(secret: str, shown: str = "***") -> logging.Logger:
+    """A logger for one Slack client that never writes its secret (children of `tracetriage.slack`)."""
+    logger = logging.getLogger(f"tracetriage.slack.client{next(_LOGGERS)}")
+    logger.addFilter(_Redact(secret, shown))
+    return logger
+
+
+def _webhook_client(url: str) -> WebhookClient:
+    parts = urlsplit(url)
+    return WebhookClient(url, retry_handlers=retry_handlers(),
+                         logger=redacting_logger(url, f"{parts.scheme}://{parts.netloc}/services/***"))
+
+
 class SlackTarget:
     """Where one slack rule posts: an incoming webhook, or a bot token and a channel."""
 
@@ -79,22 +113,21 @@ def slack_target(rule: ActionConfig) -> SlackTarget:
     if rule.block:
         from prefect_slack import SlackWebhook
 
-        url = SlackWebhook.load(rule.block).url.get_secret_value()
-        return SlackTarget(webhook=WebhookClient(url, retry_handlers=retry_handlers()))
+        return SlackTarget(webhook=_webhook_client(SlackWebhook.load(rule.block).url.get_secret_value()))
     token = None
     if rule.credentials:
         from prefect_slack import SlackCredentials
 
         token = SlackCredentials.load(rule.credentials).token.get_secret_value()
     elif os.environ.get(SLACK_WEBHOOK_ENV):
-        return SlackTarget(webhook=WebhookClient(os.environ[SLACK_WEBHOOK_ENV], retry_handlers=retry_handlers()))
+        return SlackTarget(webhook=_webhook_client(os.environ[SLACK_WEBHOOK_ENV]))
     elif os.environ.get(SLACK_TOKEN_ENV) and rule.channel:
         token = os.environ[SLACK_TOKEN_ENV]
     if token is None:
         raise ValueError(f"`do: slack` needs `block:` (a SlackWebhook block), `credentials:` and `channel:` (a "
                          f"SlackCredentials block), ${SLACK_WEBHOOK_ENV}, or ${SLACK_TOKEN_ENV} with `channel:`")
     base = {"base_url": rule.api_url} if rule.api_url else {}
-    web = WebClient(token=token, retry_handlers=retry_handlers(), **base)
+    web = WebClient(token=token, retry_handlers=retry_handlers(), logger=redacting_logger(token), **base)
     return SlackTarget(web=web, channel=rule.channel)
 
 

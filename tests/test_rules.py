@@ -6,9 +6,7 @@ import json
 import time
 from pathlib import Path
 
-import httpx
 import pytest
-from prefect.settings import PREFECT_API_URL
 from pydantic import ValidationError
 
 from flows.triage import triage
@@ -16,6 +14,7 @@ from tasks.config import ActionConfig, FileSource, LoopConfig, When
 from tasks.dispatch import read_ledger
 from tasks.sample import generate_traces, write_sample
 from tasks.snapshot import SnapshotStore, read_table
+from tests.prefect_api import read_events
 
 
 @pytest.fixture(scope="module")
@@ -87,14 +86,7 @@ def test_a_prefect_event_action_emits_one_event_per_matched_trace_with_the_actio
     assert len(sent) == sum(w["actions"]["sent"] for w in result["windows"]) > 0
 
     def events() -> list[dict]:
-        body = {"filter": {"event": {"name": ["support.tool_failure"]}, "occurred": {"since": "2000-01-01T00:00:00Z"},
-                           "resource": {"id_prefix": ["tracetriage.run."]}}, "limit": 50}
-        page = httpx.post(f"{PREFECT_API_URL.value()}/events/filter", json=body, timeout=10).raise_for_status().json()
-        found = page["events"]
-        while page.get("next_page"):
-            page = httpx.get(page["next_page"], timeout=10).raise_for_status().json()
-            found += page["events"]
-        return found
+        return read_events(event={"name": ["support.tool_failure"]}, resource={"id_prefix": ["tracetriage.run."]})
 
     deadline = time.monotonic() + 20
     while len(events()) < len(sent) and time.monotonic() < deadline:
