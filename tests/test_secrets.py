@@ -1,9 +1,10 @@
 """Secrets planted as canaries reach only the services they belong to, and nothing the loop writes or logs.
 
 The LangSmith key, the webhook's HMAC secret, the Slack bot token and the Slack incoming-webhook URL live in
-Prefect blocks; a loop uses all of them (with one webhook and one Slack API that fail, so error messages are
-written too). Then every file under `--out`, the Prefect logs, artifacts, events and flow-run parameters, the
-captured output and log records, and every request body the receivers got are searched for each canary.
+Prefect blocks; a loop uses all of them (with a webhook that refuses and a Slack webhook that is down, so
+error messages are written too). Then every file under `--out`, the Prefect logs, artifacts, events and
+flow-run parameters, the captured output and log records, and every request body the receivers got are
+searched for each canary.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def test_canary_secrets_appear_in_no_log_artifact_snapshot_ledger_event_or_paylo
     caplog.set_level(logging.DEBUG)
     records = generate_traces(200, seed=41, start=SAMPLE_START, hours=1).records
     with LangSmithTestServer(api_key=LANGSMITH_KEY) as langsmith, SlackServer(token=SLACK_TOKEN) as slack, \
-            Receiver() as hook, pytest.MonkeyPatch.context() as patch:
+            Receiver() as hook, Receiver([400] * 100) as refusing, pytest.MonkeyPatch.context() as patch:
         patch.setattr("tests.test_webhooks.SECRET", HOOK_SECRET)  # the receiver verifies with the canary
         patch.setenv("LANGSMITH_TRACING", "false")
         langsmith.add_project("canary-project", records)
@@ -65,6 +66,8 @@ def test_canary_secrets_appear_in_no_log_artifact_snapshot_ledger_event_or_paylo
         Secret(value=HOOK_SECRET).save("canary-hook-secret", overwrite=True)
         SlackCredentials(token=SLACK_TOKEN).save("canary-slack-bot", overwrite=True)
         SlackWebhook(url=f"{slack.url}/services/T1/B1/{SLACK_HOOK_PART}").save("canary-slack-hook", overwrite=True)
+        SlackWebhook(url=f"http://127.0.0.1:{_closed_port()}/services/T1/B2/{SLACK_HOOK_PART}").save(
+            "canary-slack-hook-down", overwrite=True)
         failing = When(failing=True)
         config = LoopConfig(
             name="canary", eval_workers=1,
@@ -73,13 +76,12 @@ def test_canary_secrets_appear_in_no_log_artifact_snapshot_ledger_event_or_paylo
                 ActionConfig(when=failing, do="feedback", name="feedback"),
                 ActionConfig(when=failing, do="webhook", url=hook.url, secret_block="canary-hook-secret",
                              name="hook"),
-                ActionConfig(when=failing, do="webhook", url=f"http://127.0.0.1:{_closed_port()}/down",
-                             secret_block="canary-hook-secret", name="hook-down"),
+                ActionConfig(when=failing, do="webhook", url=refusing.url, secret_block="canary-hook-secret",
+                             name="hook-refused"),
                 ActionConfig(when=failing, do="slack", credentials="canary-slack-bot", channel="#triage",
                              api_url=slack.api_url, name="slack-bot", include_io=True),
-                ActionConfig(when=failing, do="slack", credentials="canary-slack-bot", channel="#triage",
-                             api_url=f"http://127.0.0.1:{_closed_port()}/api/", name="slack-down"),
                 ActionConfig(when=failing, do="slack", block="canary-slack-hook", name="slack-hook"),
+                ActionConfig(when=failing, do="slack", block="canary-slack-hook-down", name="slack-down"),
                 ActionConfig(when=failing, do="prefect_event", name="event"),
             ])
         (window,) = triage(config=config, start=SAMPLE_START, end=SAMPLE_START + timedelta(hours=1),
@@ -90,7 +92,7 @@ def test_canary_secrets_appear_in_no_log_artifact_snapshot_ledger_event_or_paylo
 
     # The run did its work, and its failures were written down (with their error messages).
     assert window["failing_traces"] > 0 and len(hook.requests) >= 1 and len(slack.requests) == 2
-    assert set(window["actions"]["failures"]) == {"hook-down", "slack-down"}
+    assert set(window["actions"]["failures"]) == {"hook-refused", "slack-down"}
     assert slack_auth == {f"Bearer {SLACK_TOKEN}"}  # the token went where it belongs, and only there
     assert all(r["signed"] for r in hook.requests)
 
