@@ -495,7 +495,8 @@ def describe_validation_error(error: ValidationError, origin: str) -> str:
             continue  # `target` was a mapping: the SpanTarget branch's error says more
         if item["type"] == "model_type" and isinstance(item.get("input"), str):
             continue  # `target` was a string: the literal branch's error ("should be 'root'") says more
-        where = ".".join(p for p in loc if not p.startswith("function-") and p not in ("file", "sample"))
+        tags = {i for i in range(1, len(loc)) if loc[i - 1] == "source" and loc[i] in ("file", "sample", "langsmith")}
+        where = ".".join(p for i, p in enumerate(loc) if not p.startswith("function-") and i not in tags)
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             hint = difflib.get_close_matches(loc[-1], sorted(_all_field_names()), n=1)
