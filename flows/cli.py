@@ -121,7 +121,8 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"\ntriaged {len(result['windows'])} windows of {result['source']}\n")
         for window in result["windows"]:
             print(summary_text(window) + "\n")
-        print(f"snapshots, action log and ledger are in {args.out}/")
+        where = result["windows"][-1]["snapshot_uri"] if result["windows"] else f"{args.out}/snapshots"
+        print(f"snapshots and the ledger (_ledger/) are in {where}; the action log is {args.out}/actions.jsonl")
     return 0
 
 

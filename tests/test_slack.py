@@ -16,6 +16,7 @@ from tasks.config import ActionConfig, FileSource, LoopConfig, When
 from tasks.sample import DEFAULT_RATES, SAMPLE_START, generate_windows, write_sample
 from tasks.trends import episode_event
 from tests.slack_server import SlackServer
+from tests.test_webhooks import SECRET, Receiver
 
 TOKEN = "xoxb-canary-51c0ffee"
 SPIKES = (7, 8, 11)  # of 13 hourly windows
@@ -26,14 +27,17 @@ HOUR = timedelta(hours=1)
 def episodes(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """13 windows of 300 traces; tool errors at five times their rate in windows 7, 8 and 11.
 
-    Rules: an incoming webhook with a 1 h cooldown, a bot token with a 3 h cooldown, and a bot-token digest of
-    the tool-error traces (with inputs and outputs). Slack answers the very first request with a 429.
+    Rules: an incoming webhook with a 1 h cooldown, a bot token with a 3 h cooldown, a bot-token digest of the
+    tool-error traces (with inputs and outputs), and a signed webhook on spikes. Slack answers the very first
+    request with a 429.
     """
     tmp = tmp_path_factory.mktemp("episodes")
     rates = [{**DEFAULT_RATES, "tool_error": 0.25} if i in SPIKES else DEFAULT_RATES for i in range(13)]
     source = tmp / "runs.jsonl"
     write_sample(source, generate_windows(300, rates, seed=21))
-    with SlackServer(token=TOKEN, statuses=[429]) as slack:
+    with SlackServer(token=TOKEN, statuses=[429]) as slack, Receiver() as hook, \
+            pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EPISODE_HOOK_SECRET", SECRET)
         SlackWebhook(url=slack.webhook_url).save("triage-hook", overwrite=True)
         SlackCredentials(token=TOKEN).save("triage-bot", overwrite=True)
         bot = {"do": "slack", "credentials": "triage-bot", "api_url": slack.api_url}
@@ -42,9 +46,12 @@ def episodes(tmp_path_factory: pytest.TempPathFactory) -> dict:
             ActionConfig(when=When(spike=True), channel="#llm-oncall", cooldown="3h", name="oncall-bot", **bot),
             ActionConfig(when=When(root_cause={"span": "lookup_order", "reason": "error"}), channel="#tool-errors",
                          include_io=True, name="tool-errors", **bot),
+            ActionConfig(when=When(spike=True), do="webhook", url=hook.url, secret_env="EPISODE_HOOK_SECRET",
+                         name="episode-hook"),
         ])
         result = triage(config=config, out=str(tmp / "out"))
-        yield {"result": result, "slack": slack, "config": config, "out": tmp / "out", "source": source}
+        yield {"result": result, "slack": slack, "hook": hook, "config": config, "out": tmp / "out",
+               "source": source}
 
 
 def _header(body: dict) -> str:
@@ -68,6 +75,16 @@ def test_one_alert_per_episode_and_a_recovery_when_the_cooldown_ends(episodes):
     assert [k for k, _ in kinds] == ["spike", "recovered", "spike", "recovered"]
     for (_, context), window in zip(kinds, (7, 9, 11, 12), strict=True):
         assert _window(result, window) in context
+
+
+def test_a_webhook_rule_on_spikes_gets_the_same_episode_events_signed(episodes):
+    bodies = [r["body"] for r in episodes["hook"].requests]
+    events = [(b["window_start"], e["event"]) for b in bodies for e in b["events"]]
+    result = episodes["result"]
+    assert events == [(_window(result, 7), "spike"), (_window(result, 9), "recovered"),
+                      (_window(result, 11), "spike"), (_window(result, 12), "recovered")]
+    assert all(b["runs"] == [] for b in bodies) and all(r["signed"] for r in episodes["hook"].requests)
+    assert bodies[0]["events"][0]["spike"] == result["windows"][7]["spike"]
 
 
 def test_a_longer_cooldown_makes_flapping_spikes_one_episode(episodes):
