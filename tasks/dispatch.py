@@ -35,7 +35,7 @@ from prefect.events import emit_event
 from prefect.tasks import exponential_backoff
 from pydantic import ValidationError
 
-from tasks.config import RUN_ACTIONS, ActionConfig, LoopConfig, When
+from tasks.config import ActionConfig, LoopConfig, When
 from tasks.evaluators import import_ref
 from tasks.records import RecordFile
 from tasks.scoring import RunRows, records_path
@@ -97,16 +97,9 @@ class Ledger:
                 self.last[row["action_id"]] = row
         self._written = 0
 
-    @property
-    def states(self) -> dict[str, str]:
-        return {k: row["state"] for k, row in self.last.items()}
-
     def state(self, action_id: str) -> str | None:
         row = self.last.get(action_id)
         return row["state"] if row else None
-
-    def record(self, action_id: str, state: str, **detail: Any) -> None:
-        self.record_many([{"action_id": action_id, **detail}], state)
 
     def record_many(self, entries: list[dict[str, Any]], state: str) -> None:
         """One durable segment for many entries (each a dict with `action_id` and details)."""
@@ -372,7 +365,7 @@ def _chunk_size(rule: ActionConfig | None, record: dict[str, Any], total: int) -
 
 
 def dispatch_actions(
-    config: LoopConfig, plan: Plan | list[dict[str, Any]], ledger: Ledger, action_log: ActionLog,
+    config: LoopConfig, plan: Plan, ledger: Ledger, action_log: ActionLog,
     window_spans_path: str, sinks: Sinks | None = None,
 ) -> DispatchCounts:
     """Carry out planned actions not yet sent; returns the counts.
@@ -383,17 +376,21 @@ def dispatch_actions(
     finds the follow-ups of calls it does not make again.
     """
     sinks = sinks or Sinks()
-    plan = plan if isinstance(plan, Plan) else Plan(list(plan))
     counts = DispatchCounts(planned=len(plan.actions), not_sampled=plan.not_sampled, over_cap=plan.over_cap)
     rules = {config.action_name(i): rule for i, rule in enumerate(config.actions)}
     todo = [p for p in plan.actions if ledger.state(p["action_id"]) != "sent"]
     counts.skipped_duplicate = len(plan.actions) - len(todo)
     ledger.record_many([{"action_id": p["action_id"], "action": p["action"], "trace_id": p["trace_id"]}
                         for p in todo], "planned")
-    need_runs = {"call", "slack", *RUN_ACTIONS}  # (the rest send the action record alone)
-    trace_ids = {p["trace_id"] for p in plan.actions if p["trace_id"]}
-    trace_ids |= {t for r in sinks.window.get("root_causes", []) for t in r["example_trace_ids"]}
-    runs = root_runs(window_spans_path, trace_ids) if any(p["do"] in need_runs for p in todo) else {}
+    loaded: list[dict[str, Any]] = []
+
+    def runs() -> dict[str, Any]:
+        """The root runs of the window's actions and examples, read once, when a send first needs them."""
+        if not loaded:
+            trace_ids = {p["trace_id"] for p in plan.actions if p["trace_id"]}
+            trace_ids |= {t for r in sinks.window.get("root_causes", []) for t in r["example_trace_ids"]}
+            loaded.append(root_runs(window_spans_path, trace_ids))
+        return loaded[0]
 
     def send(rule: ActionConfig | None, records: list[dict[str, Any]]) -> list[Outcome]:
         do = rule.do if rule else "invalid"
@@ -403,7 +400,7 @@ def dispatch_actions(
             return [("sent", "written" if new else "already logged") for new in action_log.write_many(records)]
         if do == "call":
             try:
-                returned = _call_action(rule.ref, records[0], runs.get(records[0]["trace_id"]))
+                returned = _call_action(rule.ref, records[0], runs().get(records[0]["trace_id"]))
             except Exception as exc:  # noqa: BLE001 - the user's function: recorded, tried again next run
                 return [("failed", f"{type(exc).__name__}: {exc}"[:500])]
             return [("sent", _json_safe(returned))]
@@ -412,13 +409,14 @@ def dispatch_actions(
                 [("failed", "no webhook secrets were resolved")] * len(records)
         if do == "slack":
             target = sinks.slack.get(records[0]["action"]) or slack_target(rule)
-            return [target.post(*message(records, rule, sinks.window, config.name, sinks.flow_run_url, runs))] \
+            shown = runs() if rule.include_io else {}
+            return [target.post(*message(records, rule, sinks.window, config.name, sinks.flow_run_url, shown))] \
                 * len(records)
         if do == "prefect_event":
             return [_prefect_event(rule, r) for r in records]
         if sinks.langsmith is None:
             return [("failed", "no LangSmith client: set LANGSMITH_API_KEY or source.credentials")] * len(records)
-        return getattr(sinks.langsmith, do)(rule, records, runs)
+        return getattr(sinks.langsmith, do)(rule, records, runs())
 
     def carry_out(records: list[dict[str, Any]], rule_of: Callable[[str], ActionConfig | None]) -> None:
         for name in dict.fromkeys(r["action"] for r in records):
