@@ -43,7 +43,7 @@ from tasks.slack import SlackTarget, message, slack_target
 from tasks.snapshot import SnapshotStore, partition_name
 from tasks.summary import window_resource
 from tasks.trends import episode_event, recent_spikes
-from tasks.webhook import Webhooks
+from tasks.webhook import Webhooks, idempotency_key
 from tasks.writeback import BATCH, LangSmithWriter
 
 ACTION_NAMESPACE = uuid.UUID("0b6a3f0e-4f7e-4c1f-9f55-2f0e8d1c7a11")
@@ -410,8 +410,8 @@ def dispatch_actions(
         if do == "slack":
             target = sinks.slack.get(records[0]["action"]) or slack_target(rule)
             shown = runs() if rule.include_io else {}
-            return [target.post(*message(records, rule, sinks.window, config.name, sinks.flow_run_url, shown))] \
-                * len(records)
+            text, blocks = message(records, rule, sinks.window, config.name, sinks.flow_run_url, shown)
+            return [target.post(text, blocks, idempotency_key(records))] * len(records)
         if do == "prefect_event":
             return [_prefect_event(rule, r) for r in records]
         if sinks.langsmith is None:

@@ -93,14 +93,18 @@ class SlackTarget:
     def __repr__(self) -> str:
         return f"SlackTarget({'webhook' if self.webhook else f'chat.postMessage {self.channel}'})"  # never the secret
 
-    def post(self, text: str, blocks: list[Block]) -> Outcome:
+    def post(self, text: str, blocks: list[Block], key: str | None = None) -> Outcome:
+        """Post one message; with a bot token, `key` (the send's idempotency key) goes in the message metadata,
+        so a Slack app can tell a repeat after a crash from a new alert."""
         try:
             if self.webhook is not None:
                 response = self.webhook.send(text=text, blocks=blocks, unfurl_links=False)
                 if response.status_code == 200:
                     return "sent", {"status": 200}
                 return "failed", f"HTTP {response.status_code}: {str(response.body)[:200]}"
-            reply = self.web.chat_postMessage(channel=self.channel, text=text, blocks=blocks, unfurl_links=False)
+            metadata = {"event_type": "tracetriage_alert", "event_payload": {"idempotency_key": key}} if key else None
+            reply = self.web.chat_postMessage(channel=self.channel, text=text, blocks=blocks, unfurl_links=False,
+                                              metadata=metadata)
             return "sent", {"channel": reply.get("channel"), "ts": reply.get("ts")}
         except SlackApiError as exc:
             return "failed", f"Slack API error: {exc.response.get('error') or exc.response.status_code}"

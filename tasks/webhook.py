@@ -50,6 +50,11 @@ def check_url(url: str) -> str:
     raise ValueError(f"webhook url {url!r} must use https (http is allowed only to localhost)")
 
 
+def idempotency_key(records: list[dict[str, Any]]) -> str:
+    """One send's key, from the ids of the actions it carries: the same on every retry and rerun of that send."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, "tracetriage/webhook/" + ",".join(r["action_id"] for r in records)))
+
+
 def webhook_payload(records: list[dict[str, Any]], action: str, loop: str, window_start: str) -> dict[str, Any]:
     """The body of one batch: the window, and each failing run with its score and culprit span; for the rules
     about a window (`when: spike` / `pattern`), `events` instead: the spike, its recovery, or the failure mode."""
@@ -74,7 +79,7 @@ def send_webhooks(
     for begin in range(0, len(records), batch):
         part = records[begin:begin + batch]
         body = orjson.dumps(webhook_payload(part, action, loop, part[0]["window_start"]))
-        key = str(uuid.uuid5(uuid.NAMESPACE_URL, "tracetriage/webhook/" + ",".join(r["action_id"] for r in part)))
+        key = idempotency_key(part)
         result: Outcome = ("failed", "not sent")
         for attempt in range(ATTEMPTS):
             timestamp = str(int(time.time()))

@@ -92,6 +92,8 @@ def test_a_longer_cooldown_makes_flapping_spikes_one_episode(episodes):
     posted = [m for m in episodes["slack"].messages("/api/chat.postMessage") if m["channel"] == "#llm-oncall"]
     (alert,) = posted
     assert "Failure spike" in _header(alert) and _window(episodes["result"], 7) in json.dumps(alert)
+    metadata = alert["metadata"]
+    assert metadata["event_type"] == "tracetriage_alert" and metadata["event_payload"]["idempotency_key"]
     requests = [r for r in episodes["slack"].requests if r["path"] == "/api/chat.postMessage"]
     assert {r["authorization"] for r in requests} == {f"Bearer {TOKEN}"}
 
