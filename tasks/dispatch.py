@@ -37,6 +37,7 @@ from pydantic import ValidationError
 
 from tasks.config import ActionConfig, LoopConfig, When
 from tasks.evaluators import import_ref
+from tasks.progress import report
 from tasks.records import RecordFile
 from tasks.scoring import RunRows, records_path
 from tasks.slack import SlackTarget, message, slack_target
@@ -418,6 +419,9 @@ def dispatch_actions(
             return [("failed", "no LangSmith client: set LANGSMITH_API_KEY or source.credentials")] * len(records)
         return getattr(sinks.langsmith, do)(rule, records, runs())
 
+    stage = f"dispatch {plan.actions[0]['window_start'][:16]}" if plan.actions else "dispatch"
+    done, total = [0], [len(todo)]
+
     def carry_out(records: list[dict[str, Any]], rule_of: Callable[[str], ActionConfig | None]) -> None:
         for name in dict.fromkeys(r["action"] for r in records):
             group = [r for r in records if r["action"] == name]
@@ -438,6 +442,8 @@ def dispatch_actions(
                 counts.sent += len(sent)
                 if failed:
                     counts.add_failed(name, failed[0][1], len(failed))
+                done[0] += len(chunk)
+                report(stage, done[0], total[0])
 
     carry_out(todo, rules.get)
 
@@ -451,6 +457,7 @@ def dispatch_actions(
             extra_rules.update(more)
     counts.planned += len(extra)
     extra_todo = [p for p in extra if ledger.state(p["action_id"]) != "sent"]
+    total[0] += len(extra_todo)
     counts.skipped_duplicate += len(extra) - len(extra_todo)
     ledger.record_many([{"action_id": p["action_id"], "action": p["action"], "trace_id": p["trace_id"],
                          "follow_up_of": p["follow_up_of"]} for p in extra_todo], "planned")
