@@ -95,7 +95,8 @@ class Ledger:
         self.last: dict[str, dict[str, Any]] = {}
         for _, data in store.objects(self.directory):
             for row in _jsonl_rows(data):
-                self.last[row["action_id"]] = row
+                if self.state(row["action_id"]) != "sent":  # sent is final, whatever order clocks gave segments
+                    self.last[row["action_id"]] = row
         self._written = 0
 
     def state(self, action_id: str) -> str | None:
@@ -315,12 +316,15 @@ def root_runs(window_spans_path: str, trace_ids: set[str]) -> dict[str, Any]:
         return {str(rows.run(i).trace_id): rows.run(i) for i in range(table.num_rows)}
 
 
-def follow_ups(parent: dict[str, Any], rule: ActionConfig, then: list[Any]) -> tuple[list[dict], dict[str, Any]]:
-    """The actions a `call` asked for (`{"then": [...]}` in what it returned), as planned actions and rules.
+def follow_ups(parent: dict[str, Any], rule: ActionConfig, then: list[Any],
+               specs: dict[str, ActionConfig]) -> tuple[list[dict], dict[str, ActionConfig | None]]:
+    """The actions a `call` asked for (`{"then": [...]}` in what it returned): planned actions, and the rule of
+    each by action id (None where the spec is invalid).
 
     Each is an action spec without `when`, e.g. `{"do": "annotation_queue", "queue": "escalations"}`; its id
-    derives from the call's, so a rerun plans the same ones. An invalid spec becomes an action that fails with
-    the reason (in the ledger and the summary), never a crash of the window.
+    derives from the call's, so a rerun plans the same ones. Equal specs share one rule (in `specs`), so their
+    actions are sent together. An invalid spec becomes an action that fails with the reason (in the ledger and
+    the summary), never a crash of the window.
     """
     planned, rules = [], {}
     for i, spec in enumerate(then):
@@ -331,9 +335,13 @@ def follow_ups(parent: dict[str, Any], rule: ActionConfig, then: list[Any]) -> t
             if not isinstance(spec, dict) or spec.get("do") not in FOLLOW_UPS:
                 raise ValueError(f"follow-up {spec!r} of {parent['action']!r}: a follow-up is a dict with `do:` one "
                                  f"of {', '.join(FOLLOW_UPS)}")
-            rules[name] = ActionConfig(when=rule.when, **{**spec, "name": name})
+            key = f"{name}/{orjson.dumps(spec, option=orjson.OPT_SORT_KEYS).decode()}"
+            if key not in specs:
+                specs[key] = ActionConfig(when=rule.when, **{**spec, "name": name})
+            rules[record["action_id"]] = specs[key]
             record["do"] = spec["do"]
         except (ValueError, TypeError, ValidationError) as exc:
+            rules[record["action_id"]] = None
             record["do"], record["invalid"] = "invalid", f"{type(exc).__name__}: {exc}"[:300]
         planned.append(record)
     return planned, rules
@@ -422,10 +430,12 @@ def dispatch_actions(
     stage = f"dispatch {plan.actions[0]['window_start'][:16]}" if plan.actions else "dispatch"
     done, total = [0], [len(todo)]
 
-    def carry_out(records: list[dict[str, Any]], rule_of: Callable[[str], ActionConfig | None]) -> None:
-        for name in dict.fromkeys(r["action"] for r in records):
-            group = [r for r in records if r["action"] == name]
-            rule = rule_of(name)
+    def carry_out(records: list[dict[str, Any]], rule_of: Callable[[dict[str, Any]], ActionConfig | None]) -> None:
+        groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        for r in records:  # one group per action and rule: follow-ups of one name can have different specs
+            groups.setdefault((r["action"], id(rule_of(r))), []).append(r)
+        for (name, _), group in groups.items():
+            rule = rule_of(group[0])
             size = _chunk_size(rule, group[0], len(group))
             for begin in range(0, len(group), size):
                 chunk = group[begin:begin + size]
@@ -445,14 +455,15 @@ def dispatch_actions(
                 done[0] += len(chunk)
                 report(stage, done[0], total[0])
 
-    carry_out(todo, rules.get)
+    carry_out(todo, lambda r: rules.get(r["action"]))
 
-    extra_rules: dict[str, ActionConfig] = {}
+    extra_rules: dict[str, ActionConfig | None] = {}
     extra: list[dict[str, Any]] = []
+    specs: dict[str, ActionConfig] = {}
     for parent in plan.actions:
         row = ledger.last.get(parent["action_id"], {})
         if parent["do"] == "call" and row.get("state") == "sent" and row.get("then"):
-            planned, more = follow_ups(parent, rules[parent["action"]], row["then"])
+            planned, more = follow_ups(parent, rules[parent["action"]], row["then"], specs)
             extra += planned
             extra_rules.update(more)
     counts.planned += len(extra)
@@ -461,19 +472,24 @@ def dispatch_actions(
     counts.skipped_duplicate += len(extra) - len(extra_todo)
     ledger.record_many([{"action_id": p["action_id"], "action": p["action"], "trace_id": p["trace_id"],
                          "follow_up_of": p["follow_up_of"]} for p in extra_todo], "planned")
-    carry_out(extra_todo, extra_rules.get)
+    carry_out(extra_todo, lambda r: extra_rules[r["action_id"]])
     return counts
 
 
 def _then(response: Any) -> dict[str, Any]:
     """A call's request for further actions, kept in its ledger entry."""
     if isinstance(response, dict) and isinstance(response.get("then"), list):
-        return {"then": response["then"]}
+        return {"then": [_json_safe(spec) for spec in response["then"]]}
     return {}
 
 
 def _json_safe(value: Any) -> Any:
-    return orjson.loads(orjson.dumps(value, default=str))
+    """`value` as JSON data for the ledger; what orjson cannot write (int keys, huge ints) as its text, so a call
+    that did its work is never recorded as failed because of what it returned."""
+    try:
+        return orjson.loads(orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS))
+    except (TypeError, orjson.JSONEncodeError):
+        return {"repr": repr(value)[:1000]}
 
 
 @contextlib.contextmanager

@@ -101,17 +101,16 @@ CALLED: list[str] = []
 
 
 def open_ticket(run, score, record):
-    """A user's on-call hook: escalates tool errors to review, and asks for something invalid once."""
+    """A user's on-call hook: always a log follow-up; then, for tool errors, something invalid, else a log."""
     CALLED.append(record["action_id"])
     then = [{"do": "log", "name": "ignored: the follow-up's name derives from its parent"}]
-    if record["culprit_reason"] == "error":
-        then.append({"do": "teleport"})
-    return {"ticket": f"T-{str(run.id)[:6]}", "then": then}
+    then.append({"do": "teleport"} if record["culprit_reason"] == "error" else {"do": "log"})
+    return {"ticket": f"T-{str(run.id)[:6]}", "then": then, 7: "an int key"}
 
 
 def test_what_a_call_returns_can_request_further_actions_done_once(sample, tmp_path):
     CALLED.clear()
-    rule = ActionConfig(when=When(evaluator="no_error", below=1.0), do="call", ref="tests.test_rules:open_ticket",
+    rule = ActionConfig(when=When(failing=True), do="call", ref="tests.test_rules:open_ticket",
                         name="oncall")
     first = run(sample, tmp_path, rule)
     calls = len(CALLED)
@@ -121,6 +120,10 @@ def test_what_a_call_returns_can_request_further_actions_done_once(sample, tmp_p
     invalid = [w["actions"]["failures"]["oncall.then-1"] for w in first["windows"]]
     assert all("teleport" in f["error"] for f in invalid)
     assert sum(f["count"] for f in invalid) == sum(w["actions"]["failed"] for w in first["windows"])
+    # The second follow-up has two specs across calls: each call's own is done (no spec borrowed from another).
+    valid_second = logged(tmp_path, "oncall.then-1")
+    assert len(valid_second) == calls - sum(f["count"] for f in invalid) > 0
+    assert all(r["culprit_reason"] != "error" for r in valid_second)
 
     again = run(sample, tmp_path, rule)
     assert len(CALLED) == calls and len(logged(tmp_path, "oncall.then-0")) == calls
