@@ -37,6 +37,7 @@ from slack_sdk.models.blocks import (
 )
 
 from tasks.config import SLACK_TOKEN_ENV, SLACK_WEBHOOK_ENV, ActionConfig
+from tasks.webhook import is_loopback
 
 Outcome = tuple[str, Any]
 RETRIES = 3
@@ -77,8 +78,13 @@ def redacting_logger(secret: str, shown: str = "***") -> logging.Logger:
     return logger
 
 
-def _webhook_client(url: str) -> WebhookClient:
+def _webhook_client(url: str, origin: str) -> WebhookClient:
+    """An incoming-webhook client; the URL is the credential, so errors about it never show it."""
     parts = urlsplit(url)
+    if not (parts.scheme == "https" or (parts.scheme == "http" and is_loopback(parts.hostname or ""))) \
+            or not parts.netloc:
+        raise ValueError(f"the Slack webhook URL in {origin} must be https://hooks.slack.com/services/... (not "
+                         f"shown: it is a secret)")
     return WebhookClient(url, retry_handlers=retry_handlers(),
                          logger=redacting_logger(url, f"{parts.scheme}://{parts.netloc}/services/***"))
 
@@ -89,6 +95,7 @@ class SlackTarget:
     def __init__(self, webhook: WebhookClient | None = None, web: WebClient | None = None,
                  channel: str | None = None):
         self.webhook, self.web, self.channel = webhook, web, channel
+        self._secret = webhook.url if webhook is not None else web.token
 
     def __repr__(self) -> str:
         return f"SlackTarget({'webhook' if self.webhook else f'chat.postMessage {self.channel}'})"  # never the secret
@@ -109,7 +116,12 @@ class SlackTarget:
         except SlackApiError as exc:
             return "failed", f"Slack API error: {exc.response.get('error') or exc.response.status_code}"
         except (URLError, OSError) as exc:
-            return "failed", f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"[:300]
+            return "failed", self._redacted(f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}")
+        except Exception as exc:  # noqa: BLE001 - slack_sdk's own errors quote the URL: recorded, redacted
+            return "failed", self._redacted(f"{type(exc).__name__}: {exc}")
+
+    def _redacted(self, message: str) -> str:
+        return message.replace(self._secret, "***")[:300]
 
 
 def slack_target(rule: ActionConfig) -> SlackTarget:
@@ -117,14 +129,15 @@ def slack_target(rule: ActionConfig) -> SlackTarget:
     if rule.block:
         from prefect_slack import SlackWebhook
 
-        return SlackTarget(webhook=_webhook_client(SlackWebhook.load(rule.block).url.get_secret_value()))
+        url = SlackWebhook.load(rule.block).url.get_secret_value()
+        return SlackTarget(webhook=_webhook_client(url, f"SlackWebhook block {rule.block!r}"))
     token = None
     if rule.credentials:
         from prefect_slack import SlackCredentials
 
         token = SlackCredentials.load(rule.credentials).token.get_secret_value()
     elif os.environ.get(SLACK_WEBHOOK_ENV):
-        return SlackTarget(webhook=_webhook_client(os.environ[SLACK_WEBHOOK_ENV]))
+        return SlackTarget(webhook=_webhook_client(os.environ[SLACK_WEBHOOK_ENV], f"${SLACK_WEBHOOK_ENV}"))
     elif os.environ.get(SLACK_TOKEN_ENV) and rule.channel:
         token = os.environ[SLACK_TOKEN_ENV]
     if token is None:

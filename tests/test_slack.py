@@ -163,3 +163,11 @@ def test_a_slack_rule_without_credentials_stops_the_run_before_anything_is_sent(
     with pytest.raises(ValueError, match=r"`do: slack` needs `block:`.*SLACK_WEBHOOK_URL"):
         triage(config=config, out=str(tmp_path))
     assert not (tmp_path / "snapshots").exists()
+
+
+def test_a_malformed_slack_webhook_url_is_refused_without_showing_it(tmp_path: Path):
+    SlackWebhook(url="hooks.slack.com/services/T0/B0/canary-in-a-bad-url").save("bad-hook", overwrite=True)
+    config = LoopConfig(actions=[ActionConfig(when=When(spike=True), do="slack", block="bad-hook")])
+    with pytest.raises(ValueError, match="Slack webhook URL in SlackWebhook block 'bad-hook' must be https") as raised:
+        triage(config=config, out=str(tmp_path))
+    assert "canary-in-a-bad-url" not in str(raised.value)
