@@ -123,6 +123,8 @@ def triage_window(config: LoopConfig, window: WindowSpans, source_token: str, ou
         snapshot = snapshot_task.submit(store, window_start, tables)  # written while dispatch runs
     summary = window_summary(window_start, window_end, window.traces, window.spans, window.orphans, counts,
                              verdicts, config.evaluators, root_causes, patterns, {}, spike, "", trace_url)
+    # Spike episodes are read from the windows table: a crash in dispatch must not forget this window spiked.
+    snapshot_task(store, window_start, {"windows": windows_row(summary, verdicts, window_start, window_end)})
     with dispatch_lock(out_dir / f"dispatch-{config.name}.lock"):
         summary["actions"] = dispatch_task(config, window_start, scores, verdicts, attribution, patterns, spike, store,
                                            str(out_dir / "actions.jsonl"), window.path,

@@ -43,12 +43,13 @@ from tasks.scoring import RunRows, records_path
 from tasks.slack import SlackTarget, message, slack_target
 from tasks.snapshot import SnapshotStore, partition_name
 from tasks.summary import window_resource
-from tasks.trends import episode_event, recent_spikes
+from tasks.trends import episode_event, recent_windows
 from tasks.webhook import Webhooks, idempotency_key
 from tasks.writeback import BATCH, LangSmithWriter
 
 ACTION_NAMESPACE = uuid.UUID("0b6a3f0e-4f7e-4c1f-9f55-2f0e8d1c7a11")
 LEDGER_DIR = "_ledger"
+EPISODE_GAP = timedelta(days=1)  # how long a loop may go untriaged and still send an episode's recovery
 FOLLOW_UPS = ("log", "feedback", "annotation_queue", "dataset", "slack", "prefect_event")
 
 Outcome = tuple[str, Any]
@@ -179,7 +180,7 @@ class Plan:
 
 
 def window_actions(config: LoopConfig, window_start: datetime, spike: dict[str, Any] | None,
-                   patterns: pd.DataFrame, recent_spikes: list[datetime]) -> list[dict[str, Any]]:
+                   patterns: pd.DataFrame, history: list[tuple[datetime, bool]]) -> list[dict[str, Any]]:
     """The rules about the window itself: spike episodes (start and recovery) and failure modes over a bound."""
     window = window_start.isoformat()
     planned = []
@@ -188,7 +189,7 @@ def window_actions(config: LoopConfig, window_start: datetime, spike: dict[str, 
         base = {"loop": config.name, "action": name, "do": rule.do, "window_start": window, "trace_id": None,
                 "run_id": None}
         if rule.when.spike:
-            event = episode_event(spike is not None, recent_spikes, window_start, config.window.size_delta,
+            event = episode_event(spike is not None, history, window_start, config.window.size_delta,
                                   rule.cooldown_delta)
             if event is not None:
                 if "episode" in event:
@@ -216,14 +217,15 @@ def window_actions(config: LoopConfig, window_start: datetime, spike: dict[str, 
 def planned_actions(
     config: LoopConfig, window_start: datetime, scores: pd.DataFrame, verdicts: pd.DataFrame,
     attribution: pd.DataFrame, spike: dict[str, Any] | None = None, patterns: pd.DataFrame | None = None,
-    recent_spikes: list[datetime] | None = None,
+    history: list[tuple[datetime, bool]] | None = None,
 ) -> Plan:
-    """Every action the rules ask for in this window, in a stable order."""
+    """Every action the rules ask for in this window, in a stable order; `history` (the triaged windows before
+    this one, and whether each spiked) decides spike episodes."""
     culprits = attribution.loc[attribution["is_culprit"], ["trace_id", "run_id", "span_name", "reason"]].rename(
         columns={"run_id": "culprit_run_id", "span_name": "culprit_span", "reason": "culprit_reason"})
     window = window_start.isoformat()
     plan = Plan(window_actions(config, window_start, spike, patterns if patterns is not None else
-                               pd.DataFrame(columns=["condition"]), recent_spikes or []))
+                               pd.DataFrame(columns=["condition"]), history or []))
     for index, rule in enumerate(config.actions):
         if rule.when.is_window_level:
             continue
@@ -519,8 +521,9 @@ def dispatch_task(
     attribution: pd.DataFrame, patterns: pd.DataFrame, spike: dict[str, Any] | None, store: SnapshotStore,
     action_log_path: str, window_spans_path: str, sinks: Sinks | None = None,
 ) -> DispatchCounts:
-    lookback = max([r.cooldown_delta for r in config.actions if r.when.spike], default=timedelta(0))
-    recent = recent_spikes(store, window_start, lookback + config.window.size_delta) if lookback else []
-    plan = planned_actions(config, window_start, scores, verdicts, attribution, spike, patterns, recent)
+    cooldown = max([r.cooldown_delta for r in config.actions if r.when.spike], default=None)
+    history = [] if cooldown is None else recent_windows(store, window_start,
+                                                         cooldown + config.window.size_delta + EPISODE_GAP)
+    plan = planned_actions(config, window_start, scores, verdicts, attribution, spike, patterns, history)
     return dispatch_actions(config, plan, Ledger(store, config.name, window_start), ActionLog(action_log_path),
                             window_spans_path, sinks)

@@ -239,27 +239,33 @@ def spike_task(store: SnapshotStore, current: pd.DataFrame, window_start: dateti
     return window_spike(pd.concat([past, current], ignore_index=True), window_start, spikes)
 
 
-def recent_spikes(store: SnapshotStore, window_start: datetime, lookback: timedelta) -> list[datetime]:
-    """Starts of the windows in `[window_start - lookback, window_start)` whose snapshot says they spiked."""
+def recent_windows(store: SnapshotStore, window_start: datetime, lookback: timedelta) -> list[tuple[datetime, bool]]:
+    """The triaged windows in `[window_start - lookback, window_start)`, each with whether it spiked."""
     windows = [w for w in store.windows("windows") if window_start - lookback <= w < window_start]
     if not windows:
         return []
     table = store.read("windows", ["window_start", "spike"], windows).to_pandas()
-    return sorted(t.to_pydatetime() for t in table.loc[table["spike"].fillna(False).astype(bool), "window_start"])
+    return [(t.to_pydatetime(), bool(spiked)) for t, spiked in zip(table["window_start"],
+                                                                    table["spike"].fillna(False), strict=True)]
 
 
-def episode_event(spiking: bool, recent: list[datetime], window_start: datetime, size: timedelta,
+def episode_event(spiking: bool, history: list[tuple[datetime, bool]], window_start: datetime, size: timedelta,
                   cooldown: timedelta) -> dict[str, Any] | None:
     """What a spike rule does in this window: open an episode, close one, or nothing.
 
     An episode runs from a spiking window until `cooldown` has passed without a spike. A spike inside the
-    cooldown belongs to the episode (no second alert); the window in which the cooldown runs out carries the
-    recovery. Decided from the windows before this one alone, so a rerun decides the same.
+    cooldown belongs to the episode (no second alert). The recovery goes with the first triaged window by whose
+    end the cooldown has run out (a later one when that window had no traces or was never run). Decided from
+    `history`, the triaged windows before this one, so a rerun decides the same.
     """
-    before = [w for w in recent if w < window_start]
-    quiet = window_start - (max(before) + size) if before else None  # spike-free time before this window
+    spikes = [w for w, spiked in history if spiked and w < window_start]
+    if not spikes:
+        return {"event": "spike"} if spiking else None
+    last_end = max(spikes) + size
     if spiking:
-        return {"event": "spike"} if quiet is None or quiet >= cooldown else None
-    if quiet is not None and quiet < cooldown <= quiet + size:
-        return {"event": "recovered", "episode": {"last_spike_window": max(before).isoformat()}}
-    return None
+        return {"event": "spike"} if window_start - last_end >= cooldown else None
+    if window_start + size - last_end < cooldown:
+        return None  # the cooldown runs on past this window
+    if any(last_end <= w < window_start and w + size - last_end >= cooldown for w, _ in history):
+        return None  # an earlier window already carried this episode's recovery
+    return {"event": "recovered", "episode": {"last_spike_window": max(spikes).isoformat()}}

@@ -144,16 +144,26 @@ def test_a_rerun_of_the_episode_posts_nothing(episodes):
     assert all(w["actions"]["sent"] == 0 for w in again["windows"])
 
 
-def test_episode_events_for_a_flapping_series():
-    spikes = [SAMPLE_START + i * HOUR for i in (2, 4)]
-
-    def event(i: int, cooldown: timedelta) -> str | None:
+def episode(spiking: set[int], triaged: range | list[int], cooldown: timedelta) -> list[str | None]:
+    """The episode event of each triaged hourly window, given which windows spiked."""
+    history, events = [], []
+    for i in triaged:
         now = SAMPLE_START + i * HOUR
-        found = episode_event(now in spikes, [s for s in spikes if s < now], now, HOUR, cooldown)
-        return found and found["event"]
+        found = episode_event(i in spiking, history, now, HOUR, cooldown)
+        events.append(found and found["event"])
+        history.append((now, i in spiking))
+    return events
 
-    assert [event(i, HOUR) for i in range(7)] == [None, None, "spike", "recovered", "spike", "recovered", None]
-    assert [event(i, 2 * HOUR) for i in range(8)] == [None, None, "spike", None, None, None, "recovered", None]
+
+def test_episode_events_for_a_flapping_series():
+    assert episode({2, 4}, range(7), HOUR) == [None, None, "spike", "recovered", "spike", "recovered", None]
+    assert episode({2, 4}, range(8), 2 * HOUR) == [None, None, "spike", None, None, None, "recovered", None]
+
+
+def test_a_recovery_is_not_lost_when_its_window_was_never_triaged():
+    """Window 3 had no traces: the recovery goes with window 4, once; a spike in 6 opens a new episode."""
+    assert episode({2, 6}, [0, 1, 2, 4, 5, 6, 7], HOUR) == [None, None, "spike", "recovered", None, "spike",
+                                                             "recovered"]
 
 
 def test_a_slack_rule_without_credentials_stops_the_run_before_anything_is_sent(tmp_path: Path, monkeypatch):
