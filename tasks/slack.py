@@ -148,8 +148,17 @@ def slack_target(rule: ActionConfig) -> SlackTarget:
     return SlackTarget(web=web, channel=rule.channel)
 
 
-def _section(text: str) -> SectionBlock:
-    return SectionBlock(text=MarkdownTextObject(text=text[:SECTION_CHARS]))
+def markdown_section(text: str) -> SectionBlock:
+    """A markdown section, cut at the last whole line that fits (a cut inside `<url|name>` breaks the markup)."""
+    if len(text) > SECTION_CHARS:
+        text = text[:text.rfind("\n", 0, SECTION_CHARS - 2)] + "\n…"
+    return SectionBlock(text=MarkdownTextObject(text=text))
+
+
+def esc(value: Any) -> str:
+    """Text from traces and config, escaped as Slack asks (`&`, `<`, `>`): a run's output cannot ping
+    `<!channel>` or smuggle in a link."""
+    return str(value).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def _pct(value: float | None) -> str:
@@ -167,9 +176,9 @@ def _trace_link(trace_id: str, url: str | None) -> str:
 
 def failure_modes(window: dict[str, Any]) -> str:
     """The top root causes (culprit spans) and failure patterns, with their shares of failures."""
-    lines = [f"• {c['share']:.0%} *{c['span_name']}* ({c['reason']}), {c['traces']} traces"
+    lines = [f"• {c['share']:.0%} *{esc(c['span_name'])}* ({c['reason']}), {c['traces']} traces"
              for c in window.get("root_causes", [])[:TOP_MODES]]
-    lines += [f"• {p['fail_share']:.0%} of failures (vs {_pct(p['pass_share'])} of passes): {p['condition']}"
+    lines += [f"• {p['fail_share']:.0%} of failures (vs {_pct(p['pass_share'])} of passes): {esc(p['condition'])}"
               for p in window.get("patterns", [])[:TOP_MODES] if p["lift"] is None or p["lift"] >= 1.2]
     return "\n".join(lines) or "no failure mode stands out"
 
@@ -187,9 +196,14 @@ def examples(window: dict[str, Any], runs: dict[str, Any] | None = None, include
         line = f"• {_trace_link(trace, urls.get(trace) or _url_for(window, trace))}"
         run = (runs or {}).get(trace)
         if include_io and run is not None:
-            line += f"\n    in: `{str(run.inputs)[:IO_CHARS]}`\n    out: `{str(run.outputs)[:IO_CHARS]}`"
+            line += f"\n    in: `{_code(run.inputs)}`\n    out: `{_code(run.outputs)}`"
         lines.append(line)
     return "\n".join(lines) or "none"
+
+
+def _code(value: Any) -> str:
+    """A run's inputs or outputs inside an inline code span: escaped, without backticks, cut to IO_CHARS."""
+    return esc(str(value).replace("`", "'")[:IO_CHARS])
 
 
 def _url_for(window: dict[str, Any], trace_id: str) -> str | None:
@@ -198,7 +212,7 @@ def _url_for(window: dict[str, Any], trace_id: str) -> str | None:
 
 
 def _context(window: dict[str, Any], loop: str, flow_run_url: str | None) -> ContextBlock:
-    parts = [f"loop *{loop}*", f"window {window.get('window_start')} .. {window.get('window_end')}"]
+    parts = [f"loop *{esc(loop)}*", f"window {window.get('window_start')} .. {window.get('window_end')}"]
     if flow_run_url:
         parts.append(f"<{flow_run_url}|Prefect flow run>")
     return ContextBlock(elements=[MarkdownTextObject(text=" · ".join(parts))])
@@ -210,16 +224,16 @@ def spike_message(record: dict[str, Any], window: dict[str, Any], loop: str, flo
     spike = record.get("spike") or {}
     text = f"{loop}: failure spike in window {record['window_start']}"
     base = spike.get("baseline", {})
-    spiked = [f"• *{s['series']}*: {_pct(s['rate'])} now vs {_pct(s['baseline_rate'])} baseline "
+    spiked = [f"• *{esc(s['series'])}*: {_pct(s['rate'])} now vs {_pct(s['baseline_rate'])} baseline "
               f"({s['ratio']:.1f}x, {s['failing']}/{s['total']})" for s in spike.get("series", [])]
-    spiked += [f"• new failure mode *{m['series']}*: {_pct(m['share'])} of failures (at most "
+    spiked += [f"• new failure mode *{esc(m['series'])}*: {_pct(m['share'])} of failures (at most "
                f"{_pct(m['baseline_max_share'])} before)" for m in spike.get("new_failure_modes", [])]
-    blocks = [HeaderBlock(text=f":rotating_light: Failure spike: {loop}"[:150]),
-              _section(f"*Failure rate* {_rate(window)}\n*What spiked* (baseline: {base.get('windows', '?')} "
+    blocks = [HeaderBlock(text=f":rotating_light: Failure spike: {loop}"[:150]),  # plain text: no markup
+              markdown_section(f"*Failure rate* {_rate(window)}\n*What spiked* (baseline: {base.get('windows', '?')} "
                        f"windows {base.get('from', '?')} .. {base.get('to', '?')}):\n" + "\n".join(spiked)),
               DividerBlock(),
-              _section("*Top failure modes*\n" + failure_modes(window)),
-              _section("*Example traces*\n" + examples(window, runs, include_io)),
+              markdown_section("*Top failure modes*\n" + failure_modes(window)),
+              markdown_section("*Example traces*\n" + examples(window, runs, include_io)),
               _context(window, loop, flow_run_url)]
     return text, blocks
 
@@ -230,7 +244,7 @@ def recovery_message(record: dict[str, Any], window: dict[str, Any], loop: str,
     last = record["episode"]["last_spike_window"]
     text = f"{loop}: recovered, no spike since window {last}"
     blocks = [HeaderBlock(text=f":white_check_mark: Recovered: {loop}"[:150]),
-              _section(f"No spike since the window starting {last} (cooldown {record['episode']['cooldown']}).\n"
+              markdown_section(f"No spike since the window starting {last} (cooldown {record['episode']['cooldown']}).\n"
                        f"*Failure rate* now {_rate(window)}"),
               _context(window, loop, flow_run_url)]
     return text, blocks
@@ -240,12 +254,12 @@ def pattern_message(record: dict[str, Any], window: dict[str, Any], loop: str, f
                     runs: dict[str, Any] | None = None, include_io: bool = False) -> tuple[str, list[Block]]:
     """A failure mode whose share of failures passed the rule's bound."""
     pattern = record["pattern"]
-    text = f"{loop}: {pattern['fail_share']:.0%} of failures have {pattern['condition']}"
+    text = f"{loop}: {pattern['fail_share']:.0%} of failures have {esc(pattern['condition'])}"
     blocks = [HeaderBlock(text=f":mag: Failure mode: {loop}"[:150]),
-              _section(f"*{pattern['fail_share']:.0%}* of failing traces have *{pattern['condition']}* "
+              markdown_section(f"*{pattern['fail_share']:.0%}* of failing traces have *{esc(pattern['condition'])}* "
                        f"(vs {_pct(pattern['pass_share'])} of passing ones; bound {record['bound']:.0%}).\n"
                        f"*Failure rate* {_rate(window)}"),
-              _section("*Example traces*\n" + examples(window, runs, include_io, pattern["example_trace_ids"])),
+              markdown_section("*Example traces*\n" + examples(window, runs, include_io, pattern["example_trace_ids"])),
               _context(window, loop, flow_run_url)]
     return text, blocks
 
@@ -256,14 +270,14 @@ def traces_message(records: list[dict[str, Any]], action: str, window: dict[str,
     """One message for every trace a run-level rule matched in the window."""
     culprits: dict[str, int] = {}
     for r in records:
-        key = f"{r.get('culprit_span') or 'no culprit'} ({r.get('culprit_reason') or '-'})"
+        key = f"{esc(r.get('culprit_span') or 'no culprit')} ({r.get('culprit_reason') or '-'})"
         culprits[key] = culprits.get(key, 0) + 1
     top = sorted(culprits.items(), key=lambda kv: -kv[1])[:TOP_MODES]
     text = f"{loop}: {len(records)} traces matched {action} in window {records[0]['window_start']}"
     blocks = [HeaderBlock(text=f":warning: {action}: {len(records)} traces"[:150]),
-              _section(f"*Failure rate* {_rate(window)}\n*Culprit spans*\n"
+              markdown_section(f"*Failure rate* {_rate(window)}\n*Culprit spans*\n"
                        + "\n".join(f"• {name}: {n}" for name, n in top)),
-              _section("*Example traces*\n" + examples(window, runs, include_io, [r["trace_id"] for r in records])),
+              markdown_section("*Example traces*\n" + examples(window, runs, include_io, [r["trace_id"] for r in records])),
               _context(window, loop, flow_run_url)]
     return text, blocks
 

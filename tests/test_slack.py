@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -14,6 +15,7 @@ from slack_sdk.models.blocks import Block, ContextBlock, DividerBlock, HeaderBlo
 from flows.triage import triage
 from tasks.config import ActionConfig, FileSource, LoopConfig, When
 from tasks.sample import DEFAULT_RATES, SAMPLE_START, generate_windows, write_sample
+from tasks.slack import markdown_section, traces_message
 from tasks.trends import episode_event
 from tests.slack_server import SlackServer
 from tests.test_webhooks import SECRET, Receiver
@@ -181,3 +183,18 @@ def test_a_malformed_slack_webhook_url_is_refused_without_showing_it(tmp_path: P
     with pytest.raises(ValueError, match="Slack webhook URL in SlackWebhook block 'bad-hook' must be https") as raised:
         triage(config=config, out=str(tmp_path))
     assert "canary-in-a-bad-url" not in str(raised.value)
+
+
+def test_text_from_traces_is_escaped_and_a_long_section_is_cut_at_a_whole_line():
+    run = SimpleNamespace(inputs={"question": "<!channel> & `rm -rf`"}, outputs={"answer": "<https://evil.example|ok>"})
+    records = [{"trace_id": "t1", "window_start": "2026-11-02T09:00:00+00:00", "action": "digest",
+                "culprit_span": "a<b>", "culprit_reason": "error"}]
+    _, blocks = traces_message(records, "digest", {"traces": 1, "failing_traces": 1}, "loop", None, {"t1": run},
+                               include_io=True)
+    shown = json.dumps([b.to_dict() for b in blocks])
+    assert "<!channel>" not in shown and "&lt;!channel&gt; &amp;" in shown
+    assert "<https://evil" not in shown and "a&lt;b&gt;" in shown and "`rm" not in shown
+
+    (section,) = Block.parse_all([markdown_section("• a line of a long list\n" * 200).to_dict()])
+    lines = section.text.text.split("\n")
+    assert len(section.text.text) <= 3000 and lines[-1] == "…" and set(lines[:-1]) == {"• a line of a long list"}
