@@ -230,7 +230,7 @@ def spike_message(record: dict[str, Any], window: dict[str, Any], loop: str, flo
                f"{_pct(m['baseline_max_share'])} before)" for m in spike.get("new_failure_modes", [])]
     blocks = [HeaderBlock(text=f":rotating_light: Failure spike: {loop}"[:150]),  # plain text: no markup
               markdown_section(f"*Failure rate* {_rate(window)}\n*What spiked* (baseline: {base.get('windows', '?')} "
-                       f"windows {base.get('from', '?')} .. {base.get('to', '?')}):\n" + "\n".join(spiked)),
+                               f"windows {base.get('from', '?')} .. {base.get('to', '?')}):\n" + "\n".join(spiked)),
               DividerBlock(),
               markdown_section("*Top failure modes*\n" + failure_modes(window)),
               markdown_section("*Example traces*\n" + examples(window, runs, include_io)),
@@ -244,8 +244,8 @@ def recovery_message(record: dict[str, Any], window: dict[str, Any], loop: str,
     last = record["episode"]["last_spike_window"]
     text = f"{loop}: recovered, no spike since window {last}"
     blocks = [HeaderBlock(text=f":white_check_mark: Recovered: {loop}"[:150]),
-              markdown_section(f"No spike since the window starting {last} (cooldown {record['episode']['cooldown']}).\n"
-                       f"*Failure rate* now {_rate(window)}"),
+              markdown_section(f"No spike since the window starting {last} "
+                               f"(cooldown {record['episode']['cooldown']}).\n*Failure rate* now {_rate(window)}"),
               _context(window, loop, flow_run_url)]
     return text, blocks
 
@@ -257,8 +257,8 @@ def pattern_message(record: dict[str, Any], window: dict[str, Any], loop: str, f
     text = f"{loop}: {pattern['fail_share']:.0%} of failures have {esc(pattern['condition'])}"
     blocks = [HeaderBlock(text=f":mag: Failure mode: {loop}"[:150]),
               markdown_section(f"*{pattern['fail_share']:.0%}* of failing traces have *{esc(pattern['condition'])}* "
-                       f"(vs {_pct(pattern['pass_share'])} of passing ones; bound {record['bound']:.0%}).\n"
-                       f"*Failure rate* {_rate(window)}"),
+                               f"(vs {_pct(pattern['pass_share'])} of passing ones; bound {record['bound']:.0%}).\n"
+                               f"*Failure rate* {_rate(window)}"),
               markdown_section("*Example traces*\n" + examples(window, runs, include_io, pattern["example_trace_ids"])),
               _context(window, loop, flow_run_url)]
     return text, blocks
@@ -276,8 +276,9 @@ def traces_message(records: list[dict[str, Any]], action: str, window: dict[str,
     text = f"{loop}: {len(records)} traces matched {action} in window {records[0]['window_start']}"
     blocks = [HeaderBlock(text=f":warning: {action}: {len(records)} traces"[:150]),
               markdown_section(f"*Failure rate* {_rate(window)}\n*Culprit spans*\n"
-                       + "\n".join(f"• {name}: {n}" for name, n in top)),
-              markdown_section("*Example traces*\n" + examples(window, runs, include_io, [r["trace_id"] for r in records])),
+                               + "\n".join(f"• {name}: {n}" for name, n in top)),
+              markdown_section("*Example traces*\n"
+                               + examples(window, runs, include_io, [r["trace_id"] for r in records])),
               _context(window, loop, flow_run_url)]
     return text, blocks
 
