@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from tasks.aggregate import aggregate_task, patterns_table, root_causes_table
 from tasks.attribute import SPAN_COLUMNS, attribute_task, attribution_table
 from tasks.cache import stable_hash, work_epoch
 from tasks.config import FileSource, LangSmithSource, LoopConfig, RunnerConfig
-from tasks.dispatch import Sinks, dispatch_lock, dispatch_task
+from tasks.dispatch import Sinks, dispatch_lock, dispatch_task, unfinished_windows
 from tasks.evaluate import evaluate_task, evaluation_workers, start_evaluation_workers
 from tasks.evaluators import import_ref
 from tasks.fetch import SourceSpans, WindowSpans, fetch_task, langsmith_fetch_task, source_fingerprint, source_path
@@ -36,6 +36,7 @@ from tasks.webhook import Webhooks, webhook_secret
 from tasks.writeback import LangSmithWriter
 
 DEFAULT_OUT = ".tracetriage"
+RETRY_WITHIN = timedelta(days=1)  # how far back the scheduled run looks for actions to try again
 WORKERS = int(os.environ.get("TRACETRIAGE_WORKERS", "4"))
 
 
@@ -211,10 +212,19 @@ def triage(
 @flow(name="triage-latest", log_prints=True)
 def triage_latest(config: LoopConfig | None = None, config_block: str | None = None,
                   out: str = DEFAULT_OUT) -> dict[str, Any]:
-    """The last closed window: the one whose end plus `window.lag` has passed (the hourly schedule's run)."""
+    """The last closed window: the one whose end plus `window.lag` has passed (the hourly schedule's run).
+
+    First, the windows of the last `RETRY_WITHIN` whose ledger holds failed or unfinished actions are triaged
+    again (their evaluation comes from the cache; only the actions not sent go out), so a failure is tried again
+    by the next scheduled run, not only by a manual rerun of its window."""
     loop = resolve_config(config, config_block)
     start, end = window_range(None, None, loop.window.size_delta, loop.window.lag_delta)
-    return triage(config=loop, start=start, end=end, out=out)
+    store = open_store(loop.snapshots, Path(out) / "snapshots")
+    retried = []
+    for window in unfinished_windows(store, loop.name, start - RETRY_WITHIN, start):
+        get_run_logger().info("window %s has actions not sent: triaging it again", window.isoformat())
+        retried += triage(config=loop, start=window, end=window + loop.window.size_delta, out=out)["windows"]
+    return {**triage(config=loop, start=start, end=end, out=out), "retried": retried}
 
 
 @flow(name="triage-backfill", log_prints=True)

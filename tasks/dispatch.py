@@ -41,7 +41,7 @@ from tasks.progress import report
 from tasks.records import RecordFile
 from tasks.scoring import RunRows, records_path
 from tasks.slack import SlackTarget, message, slack_target
-from tasks.snapshot import SnapshotStore, partition_name
+from tasks.snapshot import PREFIX, SnapshotStore, partition_name, partition_start
 from tasks.summary import window_resource
 from tasks.trends import episode_event, recent_windows
 from tasks.webhook import Webhooks, idempotency_key
@@ -217,10 +217,11 @@ def window_actions(config: LoopConfig, window_start: datetime, spike: dict[str, 
 def planned_actions(
     config: LoopConfig, window_start: datetime, scores: pd.DataFrame, verdicts: pd.DataFrame,
     attribution: pd.DataFrame, spike: dict[str, Any] | None = None, patterns: pd.DataFrame | None = None,
-    history: list[tuple[datetime, bool]] | None = None,
+    history: list[tuple[datetime, bool]] | None = None, known: set[str] | None = None,
 ) -> Plan:
     """Every action the rules ask for in this window, in a stable order; `history` (the triaged windows before
-    this one, and whether each spiked) decides spike episodes."""
+    this one, and whether each spiked) decides spike episodes; `known` (ids in the window's ledger) come first
+    under a cap, so a rerun whose matches changed still stays within it."""
     culprits = attribution.loc[attribution["is_culprit"], ["trace_id", "run_id", "span_name", "reason"]].rename(
         columns={"run_id": "culprit_run_id", "span_name": "culprit_span", "reason": "culprit_reason"})
     window = window_start.isoformat()
@@ -246,7 +247,7 @@ def planned_actions(
         plan.not_sampled += len(rows) - len(chosen)
         if rule.max_per_window is not None and len(chosen) > rule.max_per_window:
             plan.over_cap += len(chosen) - rule.max_per_window
-            chosen = chosen[:rule.max_per_window]
+            chosen = sorted(chosen, key=lambda c: c[0] not in (known or ()))[:rule.max_per_window]  # stable sort
         for identity, row in chosen:
             plan.actions.append({
                 "action_id": identity,
@@ -524,6 +525,17 @@ def dispatch_task(
     cooldown = max([r.cooldown_delta for r in config.actions if r.when.spike], default=None)
     history = [] if cooldown is None else recent_windows(store, window_start,
                                                          cooldown + config.window.size_delta + EPISODE_GAP)
-    plan = planned_actions(config, window_start, scores, verdicts, attribution, spike, patterns, history)
-    return dispatch_actions(config, plan, Ledger(store, config.name, window_start), ActionLog(action_log_path),
-                            window_spans_path, sinks)
+    ledger = Ledger(store, config.name, window_start)
+    plan = planned_actions(config, window_start, scores, verdicts, attribution, spike, patterns, history,
+                           set(ledger.last))
+    return dispatch_actions(config, plan, ledger, ActionLog(action_log_path), window_spans_path, sinks)
+
+
+def unfinished_windows(store: SnapshotStore, loop: str, since: datetime, before: datetime) -> list[datetime]:
+    """Windows in `[since, before)` whose ledger holds actions not sent (failed, or planned when a run died)."""
+    found = []
+    for name in store.listing(f"{LEDGER_DIR}/{loop}"):
+        if name.startswith(PREFIX) and since <= (start := partition_start(name)) < before:
+            if any(row["state"] != "sent" for row in Ledger(store, loop, start).last.values()):
+                found.append(start)
+    return sorted(found)

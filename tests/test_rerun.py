@@ -6,15 +6,17 @@ import json
 import shutil
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from flows.loop import feedback_loop
-from flows.triage import triage
+from flows.triage import triage, triage_latest
 from tasks.config import ActionConfig, FileSource, LoopConfig, When
 from tasks.dispatch import LEDGER_DIR, dispatch_lock, read_ledger
+from tasks.langsmith import window_range
 from tasks.sample import generate_traces, write_sample
 from tasks.snapshot import SNAPSHOT_TABLES, SnapshotStore, read_table
 
@@ -194,3 +196,32 @@ def test_a_root_cause_rule_acts_on_exactly_the_traces_whose_culprit_it_names(sma
     expected = sum(c["traces"] for w in result["windows"] for c in w["root_causes"]
                    if (c["span_name"], c["reason"]) == ("lookup_order", "error"))
     assert len(logged) == expected
+
+
+def test_the_scheduled_run_tries_again_the_failed_actions_of_earlier_windows(tmp_path):
+    """The hourly run triages the last closed window, and first the windows of the last day with actions not
+    sent: a failure is tried again by the schedule, not only by a manual rerun of its window."""
+    size, lag = timedelta(hours=1), timedelta(minutes=10)
+    if (datetime.now(UTC) - lag).timestamp() % 3600 > 3540:  # the latest window is about to change: let it
+        time.sleep(61)
+    latest, _ = window_range(None, None, size, lag)
+    source = tmp_path / "runs.jsonl"
+    write_sample(source, generate_traces(300, seed=5, start=latest - size, hours=2))
+    config = LoopConfig(source=FileSource(path=str(source)), eval_workers=1,
+                        actions=[ActionConfig(when=When(failing=True), do="call", ref="tests.test_rerun:flaky_call")])
+    CALLS.clear()
+    FLAKY["fail"] = True
+    (earlier,) = triage(config=config, start=latest - size, end=latest, out=str(tmp_path))["windows"]
+    assert earlier["actions"]["failed"] == earlier["failing_traces"] > 0
+
+    FLAKY["fail"] = False
+    result = triage_latest(config=config, out=str(tmp_path))
+
+    (retried,) = result["retried"]
+    assert retried["window_start"] == earlier["window_start"]
+    assert retried["actions"]["sent"] == earlier["failing_traces"]
+    (window,) = result["windows"]
+    assert window["window_start"] == latest.isoformat()
+    assert len(CALLS) == len(set(CALLS)) == earlier["failing_traces"] + window["failing_traces"]
+    again = triage_latest(config=config, out=str(tmp_path))
+    assert again["retried"] == [] and again["windows"][0]["actions"]["sent"] == 0

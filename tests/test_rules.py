@@ -6,13 +6,14 @@ import json
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from pydantic import ValidationError
 
 from flows.triage import triage
 from tasks.config import ActionConfig, FileSource, LoopConfig, When
-from tasks.dispatch import read_ledger
-from tasks.sample import generate_traces, write_sample
+from tasks.dispatch import action_id, planned_actions, read_ledger
+from tasks.sample import SAMPLE_START, generate_traces, write_sample
 from tasks.snapshot import SnapshotStore, read_table
 from tests.prefect_api import read_events
 
@@ -129,3 +130,19 @@ def test_what_a_call_returns_can_request_further_actions_done_once(sample, tmp_p
     assert len(CALLED) == calls and len(logged(tmp_path, "oncall.then-0")) == calls
     assert sum(w["actions"]["sent"] for w in again["windows"]) == 0
     assert sum(w["actions"]["failed"] for w in again["windows"]) == sum(f["count"] for f in invalid)
+
+
+def test_under_a_cap_the_actions_already_in_the_ledger_come_first():
+    """A rerun whose matches changed (an open window, a new evaluator version) stays within the cap."""
+    config = LoopConfig(name="capped", actions=[ActionConfig(when=When(failing=True), do="log", name="few",
+                                                             max_per_window=3)])
+    traces = [f"trace-{i}" for i in range(10)]
+    verdicts = pd.DataFrame({"trace_id": traces, "verdict": "fail"})
+    attribution = pd.DataFrame({"trace_id": [], "run_id": [], "span_name": [], "reason": [], "is_culprit": []})
+    attribution["is_culprit"] = attribution["is_culprit"].astype(bool)
+    scores = pd.DataFrame({"trace_id": [], "evaluator": [], "score": [], "span_name": []})
+    first = planned_actions(config, SAMPLE_START, scores, verdicts, attribution)
+    assert [a["trace_id"] for a in first.actions] == traces[:3] and first.over_cap == 7
+    known = {action_id("capped", SAMPLE_START, t, "few") for t in traces[7:9]}
+    again = planned_actions(config, SAMPLE_START, scores, verdicts, attribution, known=known)
+    assert [a["trace_id"] for a in again.actions] == ["trace-7", "trace-8", "trace-0"]
