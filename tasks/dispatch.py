@@ -203,7 +203,7 @@ def window_actions(config: LoopConfig, window_start: datetime, spike: dict[str, 
                 if (row["fail_share"] > bound.share_above
                         and (bound.span is None or row["span_name"] == bound.span)
                         and (bound.condition is None or bound.condition.lower() in row["condition"].lower())
-                        and (row["lift"] is None or row["lift"] != row["lift"] or row["lift"] >= bound.min_lift)):
+                        and (pd.isna(row["lift"]) or row["lift"] >= bound.min_lift)):  # NaN: no passes have it
                     pattern = {k: row[k] for k in ("condition", "kind", "span_name", "detail", "failing_traces",
                                                    "fail_share", "pass_share", "lift")}
                     pattern["example_trace_ids"] = list(row["example_trace_ids"])
