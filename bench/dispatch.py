@@ -104,18 +104,18 @@ def main() -> None:
         for where, store in stores.items():
             before = receiver.requests
             started = time.perf_counter()
-            counts = dispatch_actions(config, planned, Ledger(store, "bench", WINDOW), ActionLog(f"{tmp}/a.jsonl"),
-                                      "", sinks)
+            ledger = Ledger(store, "bench", WINDOW)
+            counts = dispatch_actions(config, planned, ledger, ActionLog(f"{tmp}/a.jsonl"), "", sinks)
             took = time.perf_counter() - started
             requests = receiver.requests - before
-            segments = len(store.listing(Ledger(store, "bench", WINDOW).directory))
+            segments = f"{ledger.written} ledger segments compacted to {len(store.listing(ledger.directory))}"
             started = time.perf_counter()
             again = dispatch_actions(config, planned, Ledger(store, "bench", WINDOW), ActionLog(f"{tmp}/a.jsonl"),
                                      "", sinks)
             rerun = time.perf_counter() - started
             assert counts.sent == args.actions and again.sent == 0 and receiver.requests - before == requests
             print(f"{where}: {args.actions:,} actions in {took:.2f} s ({args.actions / took:,.0f} actions/s), "
-                  f"{requests} requests, {segments} ledger segments, ledger share {max(took - alone, 0):.2f} s; "
+                  f"{requests} requests, {segments}, ledger share {max(took - alone, 0):.2f} s; "
                   f"rerun {rerun:.2f} s, 0 sent")
     moto.stop()
 

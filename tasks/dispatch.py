@@ -94,11 +94,13 @@ class Ledger:
         self.store = store
         self.directory = f"{LEDGER_DIR}/{loop}/{partition_name(window_start)}"
         self.last: dict[str, dict[str, Any]] = {}
-        for _, data in store.objects(self.directory):
+        self.segments: list[str] = []  # the segments read or written by this object (what `compact` replaces)
+        for name, data in store.objects(self.directory):
+            self.segments.append(name)
             for row in _jsonl_rows(data):
                 if self.state(row["action_id"]) != "sent":  # sent is final, whatever order clocks gave segments
                     self.last[row["action_id"]] = row
-        self._written = 0
+        self.written = 0
 
     def state(self, action_id: str) -> str | None:
         row = self.last.get(action_id)
@@ -110,12 +112,29 @@ class Ledger:
             return
         at = datetime.now(UTC).isoformat()
         rows = [{**entry, "state": state, "at": at} for entry in entries]
-        self._written += 1
-        name = f"{time.time_ns():020d}-{os.getpid()}-{self._written:06d}.jsonl"
-        self.store.put_bytes(f"{self.directory}/{name}",
-                             b"".join(orjson.dumps(row, default=str) + b"\n" for row in rows))
+        self._put(rows)
         for row in rows:
             self.last[row["action_id"]] = row
+
+    def _put(self, rows: list[dict[str, Any]]) -> None:
+        self.written += 1
+        name = f"{time.time_ns():020d}-{os.getpid()}-{self.written:06d}.jsonl"
+        self.store.put_bytes(f"{self.directory}/{name}",
+                             b"".join(orjson.dumps(row, default=str) + b"\n" for row in rows))
+        self.segments.append(name)
+
+    def compact(self) -> None:
+        """One segment with the last entry of each id in place of the segments this object read and wrote, so
+        the next reader (a rerun, the scheduled run's look for unsent actions) reads one object.
+
+        The new segment is written before the old ones are deleted: a crash in between leaves both, which read
+        the same. Segments another writer added meanwhile are not touched."""
+        if len(self.segments) <= 1:
+            return
+        old = list(self.segments)
+        self.segments.clear()
+        self._put(list(self.last.values()))
+        self.store.delete([f"{self.directory}/{name}" for name in old])
 
 
 def read_ledger(store: SnapshotStore, loop: str) -> list[dict[str, Any]]:
@@ -476,6 +495,7 @@ def dispatch_actions(
     ledger.record_many([{"action_id": p["action_id"], "action": p["action"], "trace_id": p["trace_id"],
                          "follow_up_of": p["follow_up_of"]} for p in extra_todo], "planned")
     carry_out(extra_todo, lambda r: extra_rules[r["action_id"]])
+    ledger.compact()
     return counts
 
 

@@ -118,6 +118,15 @@ class SnapshotStore:
             os.fsync(out.fileno())
         os.replace(tmp, path)
 
+    def delete(self, relatives: list[str]) -> None:
+        """Remove objects under the store (one bulk request on object storage)."""
+        paths = [f"{self.root}/{relative}" for relative in relatives]
+        if self.is_local:
+            for path in paths:
+                Path(path).unlink(missing_ok=True)
+        elif paths:
+            self._fsspec.rm(paths)
+
     def objects(self, relative: str) -> list[tuple[str, bytes]]:
         """Every object directly under a directory of the store (tmp files excluded), by name, with its bytes."""
         out = []

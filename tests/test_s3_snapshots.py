@@ -11,6 +11,7 @@ import pytest
 from blocks.storage import SnapshotStorage
 from flows.triage import triage
 from tasks.config import FileSource, LoopConfig, SnapshotConfig, SpikeConfig
+from tasks.dispatch import read_ledger
 from tasks.sample import DEFAULT_RATES, generate_windows, write_sample
 from tasks.snapshot import SnapshotStore
 from tasks.trends import new_failure_modes, read_series, spike_checks
@@ -61,6 +62,10 @@ def test_s3_snapshots_give_the_same_trends_as_local_ones(s3_endpoint, tmp_path):
     pd.testing.assert_frame_equal(new_failure_modes(s3_series, spikes), new_failure_modes(local_series, spikes))
     assert [w["spike"] is not None for w in results["s3"]["windows"]] == [False] * 3 + [True]
     assert results["s3"]["windows"][-1]["snapshot_uri"] == "s3://snapshots-bucket/loop"
+    # The ledger lies beside the snapshots, on S3 too: one compacted segment per window, every action sent.
+    ledger = read_ledger(s3, "tracetriage")
+    assert len(ledger) == sum(w["actions"]["sent"] for w in results["s3"]["windows"]) > 0
+    assert [len(s3.listing(f"_ledger/tracetriage/{w}")) for w in s3.listing("_ledger/tracetriage")] == [1] * 4
     # The block's secret stays in the block: not in summaries (nor, through them, in artifacts or snapshots).
     windows = s3.read("windows", ["summary_json", "spike_json"]).to_pandas()
     assert SECRET not in str(results["s3"]) and not windows.apply(lambda c: c.str.contains(SECRET)).any().any()
