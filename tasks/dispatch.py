@@ -35,7 +35,7 @@ from prefect.events import emit_event
 from prefect.tasks import exponential_backoff
 from pydantic import ValidationError
 
-from tasks.config import ActionConfig, LoopConfig, When
+from tasks.config import RUN_ACTIONS, ActionConfig, LoopConfig, When
 from tasks.evaluators import import_ref
 from tasks.progress import report
 from tasks.records import RecordFile
@@ -391,8 +391,7 @@ def _chunk_size(rule: ActionConfig | None, record: dict[str, Any], total: int) -
     do = rule.do if rule else "invalid"
     if do in ("log", "invalid") or (do == "slack" and record["trace_id"] is not None):
         return total  # one local write; one Slack message for all the traces a rule matched
-    return {"webhook": rule.batch if rule else 1, "feedback": BATCH, "annotation_queue": BATCH,
-            "dataset": BATCH, "prefect_event": BATCH}.get(do, 1)
+    return rule.batch if do == "webhook" else BATCH if do in (*RUN_ACTIONS, "prefect_event") else 1
 
 
 def dispatch_actions(

@@ -37,7 +37,7 @@ from slack_sdk.models.blocks import (
 )
 
 from tasks.config import SLACK_TOKEN_ENV, SLACK_WEBHOOK_ENV, ActionConfig
-from tasks.webhook import is_loopback
+from tasks.webhook import is_allowed_url
 
 Outcome = tuple[str, Any]
 RETRIES = 3
@@ -80,11 +80,10 @@ def redacting_logger(secret: str, shown: str = "***") -> logging.Logger:
 
 def _webhook_client(url: str, origin: str) -> WebhookClient:
     """An incoming-webhook client; the URL is the credential, so errors about it never show it."""
-    parts = urlsplit(url)
-    if not (parts.scheme == "https" or (parts.scheme == "http" and is_loopback(parts.hostname or ""))) \
-            or not parts.netloc:
+    if not is_allowed_url(url):
         raise ValueError(f"the Slack webhook URL in {origin} must be https://hooks.slack.com/services/... (not "
                          f"shown: it is a secret)")
+    parts = urlsplit(url)
     return WebhookClient(url, retry_handlers=retry_handlers(),
                          logger=redacting_logger(url, f"{parts.scheme}://{parts.netloc}/services/***"))
 

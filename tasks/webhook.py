@@ -42,10 +42,16 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def check_url(url: str) -> str:
-    """Webhooks go over https; plain http only to this machine (tests, a local relay)."""
+def is_allowed_url(url: str) -> bool:
+    """https to a host, or plain http to this machine only (tests, a local relay)."""
     parsed = urlparse(url)
-    if parsed.scheme == "https" or (parsed.scheme == "http" and is_loopback(parsed.hostname or "")):
+    return bool(parsed.netloc) and (parsed.scheme == "https"
+                                    or (parsed.scheme == "http" and is_loopback(parsed.hostname or "")))
+
+
+def check_url(url: str) -> str:
+    """Webhooks go over https; plain http only to this machine."""
+    if is_allowed_url(url):
         return url
     raise ValueError(f"webhook url {url!r} must use https (http is allowed only to localhost)")
 
