@@ -14,6 +14,7 @@ reads like any export.
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import re
 import threading
@@ -60,33 +61,50 @@ def langsmith_client(credentials: str | None) -> Client:
 class RateLimiter:
     """At most `requests` sends in any `per_seconds` (a sliding window, as LangSmith counts), shared by threads.
 
-    A small margin allows for the server seeing a request later than it was sent.
+    A send holds its slot from `acquire` until `release`, and the window is counted from
+    the release: the server saw the request before its answer came back, so however late
+    a busy machine delivers a request, the server's window never holds more than ours.
     """
 
-    def __init__(self, requests: int, per_seconds: float, margin: float = 0.05):
-        self.requests, self.per = requests, per_seconds * (1 + margin) + 0.05
-        self._sent: collections.deque[float] = collections.deque()
+    def __init__(self, requests: int, per_seconds: float):
+        self.requests, self.per = requests, per_seconds + 0.01
+        self._done: collections.deque[float] = collections.deque()
+        self._in_flight = 0
         self._paused_until = 0.0
-        self._lock = threading.Lock()
-        self.waited = 0.0
+        self._changed = threading.Condition()
 
     def acquire(self) -> None:
-        while True:
-            with self._lock:
+        with self._changed:
+            while True:
                 now = time.monotonic()
-                while self._sent and now - self._sent[0] >= self.per:
-                    self._sent.popleft()
-                wait = max(self._paused_until - now,
-                           self._sent[0] + self.per - now if len(self._sent) >= self.requests else 0.0)
-                if wait <= 0:
-                    self._sent.append(now)
+                while self._done and now - self._done[0] >= self.per:
+                    self._done.popleft()
+                full = self._in_flight + len(self._done) >= self.requests
+                if not full and now >= self._paused_until:
+                    self._in_flight += 1
                     return
-            self.waited += wait
-            time.sleep(wait)
+                # When full, a slot frees as the oldest release leaves the window (or at a release, if none has).
+                free_at = self._done[0] + self.per if self._done else now + 1.0
+                self._changed.wait(max((max(free_at, self._paused_until) if full else self._paused_until) - now,
+                                       0.001))
+
+    def release(self) -> None:
+        with self._changed:
+            self._in_flight -= 1
+            self._done.append(time.monotonic())
+            self._changed.notify_all()
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
+        self.acquire()
+        try:
+            yield
+        finally:
+            self.release()
 
     def pause(self, seconds: float) -> None:
         """Nobody sends for `seconds` (a 429's Retry-After)."""
-        with self._lock:
+        with self._changed:
             self._paused_until = max(self._paused_until, time.monotonic() + seconds)
 
 
@@ -169,6 +187,7 @@ def _v1_pages(client: Client, limiter: RateLimiter, body: dict[str, Any], stats:
     """`POST /runs/query` pages through the SDK's request_with_retries; a 429 pauses the bucket for Retry-After."""
 
     def on_error(response: Any, attempt: int) -> bool:
+        limiter.release()
         stats.retries += 1
         if response.status_code == 429:
             stats.rate_limited += 1
@@ -178,11 +197,14 @@ def _v1_pages(client: Client, limiter: RateLimiter, body: dict[str, Any], stats:
         return response.status_code in RETRYABLE
 
     while True:
-        limiter.acquire()
+        limiter.acquire()  # each retry in on_error releases this slot and takes another; the last is released here
         stats.requests += 1
-        response = client.request_with_retries(
-            "POST", "/runs/query", request_kwargs={"data": orjson.dumps(body)}, stop_after_attempt=ATTEMPTS,
-            handle_response=on_error)
+        try:
+            response = client.request_with_retries(
+                "POST", "/runs/query", request_kwargs={"data": orjson.dumps(body)}, stop_after_attempt=ATTEMPTS,
+                handle_response=on_error)
+        finally:
+            limiter.release()
         page = response.json()
         yield page.get("runs") or []
         cursor = (page.get("cursors") or {}).get("next")
@@ -208,10 +230,10 @@ def _v2_pages(client: Client, limiter: RateLimiter, query: dict[str, Any], stats
     runs, cursor = _v2_runs(client), None
     while True:
         for attempt in range(ATTEMPTS):
-            limiter.acquire()
             stats.requests += 1
             try:
-                page = runs.query_v2(**query, **({"cursor": cursor} if cursor else {}))
+                with limiter.slot():
+                    page = runs.query_v2(**query, **({"cursor": cursor} if cursor else {}))
                 break
             except APIStatusError as exc:
                 if exc.status_code not in RETRYABLE or attempt + 1 == ATTEMPTS:

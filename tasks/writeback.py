@@ -41,9 +41,9 @@ def with_retries(call: Callable[[], Any], pace: RateLimiter, attempts: int = ATT
     The SDK's own retries stop at some of these (a 502 on a POST), and each attempt must wait for the bucket.
     """
     for attempt in range(attempts):
-        pace.acquire()
         try:
-            return call()
+            with pace.slot():
+                return call()
         except ls_utils.LangSmithConflictError:
             return "conflict"
         except PERMANENT:

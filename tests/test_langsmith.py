@@ -196,6 +196,36 @@ def test_the_fetch_stays_under_the_cloud_rate_limit_at_the_request_floor(records
         assert kept == sum(r["trace_id"] in in_window for r in records)  # whole traces of this window only
 
 
+def test_the_rate_limiter_holds_however_late_requests_arrive():
+    """Requests reach the server up to 0.3 s after they were let go (a busy machine): no window may overflow."""
+    import random
+    import threading
+    import time
+
+    from tasks.langsmith import RateLimiter
+
+    limit, per = 10, 0.3
+    limiter, arrivals, lock = RateLimiter(limit, per), [], threading.Lock()
+
+    def send(seed: int) -> None:
+        delays = random.Random(seed)
+        for _ in range(5):
+            with limiter.slot():
+                time.sleep(delays.uniform(0, 0.3))  # on its way
+                with lock:
+                    arrivals.append(time.monotonic())
+                time.sleep(delays.uniform(0, 0.02))  # the answer coming back
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    arrivals.sort()
+    busiest = max(sum(t - per < u <= t for u in arrivals) for t in arrivals)
+    assert len(arrivals) == 60 and busiest <= limit
+
+
 @pytest.mark.parametrize("api", ["v2", "v1"])
 def test_windows_fetched_in_parallel_are_the_runs_of_one_stream_at_one_extra_page_per_window(tmp_path, api):
     import math
