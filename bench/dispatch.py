@@ -6,7 +6,7 @@ with the ledger on a local disk and on S3 (a local moto server), then rerun (eve
 
 Prints, for each storage: dispatch wall time, actions/s, webhook requests, ledger segments written, the
 rerun's time (it reads the ledger and sends nothing), and the receiver alone (the same requests without a
-ledger) to separate the ledger's share.
+ledger) to separate the ledger's share; then what taking and giving back the dispatch lease costs.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import argparse
 import logging
 import os
 import socket
+import statistics
 import sys
 import tempfile
 import threading
@@ -30,6 +31,7 @@ logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto logs every reque
 
 from tasks.config import ActionConfig, LoopConfig, When  # noqa: E402
 from tasks.dispatch import ActionLog, Ledger, Plan, Sinks, action_id, dispatch_actions  # noqa: E402
+from tasks.lease import DispatchLease  # noqa: E402
 from tasks.snapshot import SnapshotStore  # noqa: E402
 from tasks.webhook import Webhooks, send_webhooks  # noqa: E402
 
@@ -104,8 +106,9 @@ def main() -> None:
         for where, store in stores.items():
             before = receiver.requests
             started = time.perf_counter()
-            ledger = Ledger(store, "bench", WINDOW)
-            counts = dispatch_actions(config, planned, ledger, ActionLog(f"{tmp}/a.jsonl"), "", sinks)
+            with DispatchLease(store, "bench") as lease:
+                ledger = Ledger(store, "bench", WINDOW, lease)
+                counts = dispatch_actions(config, planned, ledger, ActionLog(f"{tmp}/a.jsonl"), "", sinks)
             took = time.perf_counter() - started
             requests = receiver.requests - before
             segments = f"{ledger.written} ledger segments compacted to {len(store.listing(ledger.directory))}"
@@ -117,6 +120,14 @@ def main() -> None:
             print(f"{where}: {args.actions:,} actions in {took:.2f} s ({args.actions / took:,.0f} actions/s), "
                   f"{requests} requests, {segments}, ledger share {max(took - alone, 0):.2f} s; "
                   f"rerun {rerun:.2f} s, 0 sent")
+            leases = []
+            for _ in range(20):
+                started = time.perf_counter()
+                with DispatchLease(store, "bench"):
+                    pass
+                leases.append(time.perf_counter() - started)
+            print(f"{where}: the dispatch lease, taken and given back: median {statistics.median(leases) * 1000:.1f} ms"
+                  f" of 20")
     moto.stop()
 
 

@@ -19,7 +19,7 @@ from tasks.aggregate import aggregate_task, patterns_table, root_causes_table
 from tasks.attribute import SPAN_COLUMNS, attribute_task, attribution_table
 from tasks.cache import stable_hash, work_epoch
 from tasks.config import FileSource, LangSmithSource, LoopConfig, RunnerConfig
-from tasks.dispatch import Sinks, dispatch_lock, dispatch_task, unfinished_windows
+from tasks.dispatch import Sinks, dispatch_task, unfinished_windows
 from tasks.evaluate import evaluate_task, evaluation_workers, start_evaluation_workers
 from tasks.evaluators import import_ref
 from tasks.fetch import SourceSpans, WindowSpans, fetch_task, langsmith_fetch_task, source_fingerprint, source_path
@@ -126,10 +126,8 @@ def triage_window(config: LoopConfig, window: WindowSpans, source_token: str, ou
                              verdicts, config.evaluators, root_causes, patterns, {}, spike, "", trace_url)
     # Spike episodes are read from the windows table: a crash in dispatch must not forget this window spiked.
     snapshot_task(store, window_start, {"windows": windows_row(summary, verdicts, window_start, window_end)})
-    with dispatch_lock(out_dir / f"dispatch-{config.name}.lock"):
-        summary["actions"] = dispatch_task(config, window_start, scores, verdicts, attribution, patterns, spike, store,
-                                           str(out_dir / "actions.jsonl"), window.path,
-                                           sinks(config, summary)).as_dict()
+    summary["actions"] = dispatch_task(config, window_start, scores, verdicts, attribution, patterns, spike, store,
+                                       str(out_dir / "actions.jsonl"), window.path, sinks(config, summary)).as_dict()
     summary["snapshot_uri"] = snapshot.result()
     snapshot_task(store, window_start, {"windows": windows_row(summary, verdicts, window_start, window_end)})
     publish_artifacts(summary, config.name)

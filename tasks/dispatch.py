@@ -12,14 +12,12 @@ receivers see the same `Idempotency-Key`.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import inspect
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -37,6 +35,7 @@ from pydantic import ValidationError
 
 from tasks.config import RUN_ACTIONS, ActionConfig, LoopConfig, When
 from tasks.evaluators import import_ref
+from tasks.lease import DispatchLease
 from tasks.progress import report
 from tasks.records import RecordFile
 from tasks.scoring import RunRows, records_path
@@ -90,8 +89,8 @@ class Ledger:
     '_ledger/demo/window_start=2026-11-02T00:00:00Z'
     """
 
-    def __init__(self, store: SnapshotStore, loop: str, window_start: datetime):
-        self.store = store
+    def __init__(self, store: SnapshotStore, loop: str, window_start: datetime, lease: DispatchLease | None = None):
+        self.store, self.lease = store, lease
         self.directory = f"{LEDGER_DIR}/{loop}/{partition_name(window_start)}"
         self.last: dict[str, dict[str, Any]] = {}
         self.segments: list[str] = []  # the segments read or written by this object (what `compact` replaces)
@@ -122,6 +121,8 @@ class Ledger:
         self.store.put_bytes(f"{self.directory}/{name}",
                              b"".join(orjson.dumps(row, default=str) + b"\n" for row in rows))
         self.segments.append(name)
+        if self.lease:
+            self.lease.check()  # written first: what was sent stays on record for the run that took over
 
     def compact(self) -> None:
         """One segment with the last entry of each id in place of the segments this object read and wrote, so
@@ -514,25 +515,6 @@ def _json_safe(value: Any) -> Any:
         return {"repr": repr(value)[:1000]}
 
 
-@contextlib.contextmanager
-def dispatch_lock(path: str | Path) -> Iterator[None]:
-    """One dispatch per loop at a time: a scheduled run and a manual rerun of the same window cannot both
-    send; the second reads the ledger after the first has written it.
-
-    An exclusive `flock` on a local lock file, held by processes on one machine (a Prefect global concurrency
-    limit did the same at about 2 s per window; across machines, the deployments' `concurrency_limit: 1`
-    does). The kernel drops it when its holder dies, so a crashed run never leaves the loop locked.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 # The planned actions are made inside the task: Prefect walks list and dict parameters
 # looking for futures, which takes seconds for tens of thousands of action dicts.
 @task(name="dispatch", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2))
@@ -541,13 +523,14 @@ def dispatch_task(
     attribution: pd.DataFrame, patterns: pd.DataFrame, spike: dict[str, Any] | None, store: SnapshotStore,
     action_log_path: str, window_spans_path: str, sinks: Sinks | None = None,
 ) -> DispatchCounts:
-    cooldown = max([r.cooldown_delta for r in config.actions if r.when.spike], default=None)
-    history = [] if cooldown is None else recent_windows(store, window_start,
-                                                         cooldown + config.window.size_delta + EPISODE_GAP)
-    ledger = Ledger(store, config.name, window_start)
-    plan = planned_actions(config, window_start, scores, verdicts, attribution, spike, patterns, history,
-                           set(ledger.last))
-    return dispatch_actions(config, plan, ledger, ActionLog(action_log_path), window_spans_path, sinks)
+    with DispatchLease(store, config.name) as lease:  # the ledger and the episode history are read under it
+        cooldown = max([r.cooldown_delta for r in config.actions if r.when.spike], default=None)
+        history = [] if cooldown is None else recent_windows(store, window_start,
+                                                             cooldown + config.window.size_delta + EPISODE_GAP)
+        ledger = Ledger(store, config.name, window_start, lease)
+        plan = planned_actions(config, window_start, scores, verdicts, attribution, spike, patterns, history,
+                               set(ledger.last))
+        return dispatch_actions(config, plan, ledger, ActionLog(action_log_path), window_spans_path, sinks)
 
 
 def unfinished_windows(store: SnapshotStore, loop: str, since: datetime, before: datetime) -> list[datetime]:

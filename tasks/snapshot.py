@@ -102,21 +102,47 @@ class SnapshotStore:
         os.replace(tmp, final)
         return final
 
-    def put_bytes(self, relative: str, data: bytes) -> None:
+    def put_bytes(self, relative: str, data: bytes, *, exclusive: bool = False) -> bool:
         """Write one whole object under the store (a ledger segment): renamed into place after an fsync on a
-        disk, one PUT on object storage, so it is durable and never seen half-written."""
+        disk, one PUT on object storage, so it is durable and never seen half-written.
+
+        With `exclusive`, only if no object has that name (a hard link on a disk; on S3 a PUT with
+        `If-None-Match: *`): returns False when one had, so of many writers exactly one wins."""
         path = f"{self.root}/{relative}"
         if not self.is_local:
+            if exclusive:
+                try:
+                    self._fsspec.pipe_file(path, data, mode="create")
+                except FileExistsError:
+                    return False
+                return True
             with self.fs.open_output_stream(path) as out:
                 out.write(data)
-            return
+            return True
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         tmp = f"{path}.{uuid.uuid4().hex}.tmp"
         with open(tmp, "wb") as out:
             out.write(data)
             out.flush()
             os.fsync(out.fileno())
-        os.replace(tmp, path)
+        if not exclusive:
+            os.replace(tmp, path)
+            return True
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+        return True
+
+    def get_bytes(self, relative: str) -> bytes | None:
+        """One object's bytes, or None if it is not there."""
+        try:
+            with self.fs.open_input_stream(f"{self.root}/{relative}") as stream:
+                return stream.read()
+        except FileNotFoundError:
+            return None
 
     def delete(self, relatives: list[str]) -> None:
         """Remove objects under the store (one bulk request on object storage)."""
@@ -128,13 +154,21 @@ class SnapshotStore:
             self._fsspec.rm(paths)
 
     def objects(self, relative: str) -> list[tuple[str, bytes]]:
-        """Every object directly under a directory of the store (tmp files excluded), by name, with its bytes."""
-        out = []
-        for name in self.listing(relative):
-            if not name.endswith(".tmp"):
-                with self.fs.open_input_stream(f"{self.root}/{relative}/{name}") as stream:
-                    out.append((name, stream.read()))
-        return out
+        """Every object directly under a directory of the store (tmp files excluded), by name, with its bytes.
+
+        An object deleted between the listing and its read (ledger segments being compacted into a new one)
+        means the listing is stale: it is read again."""
+        for _ in range(5):
+            found = []
+            for name in self.listing(relative):
+                if name.endswith(".tmp"):
+                    continue
+                if (data := self.get_bytes(f"{relative}/{name}")) is None:
+                    break
+                found.append((name, data))
+            else:
+                return found
+        raise RuntimeError(f"{self.url}/{relative} kept changing while it was read")
 
     def listing(self, relative: str) -> list[str]:
         """Names directly under a directory of the store."""

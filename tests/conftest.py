@@ -1,12 +1,17 @@
-"""Shared fixtures: a temporary Prefect API for the session, sample traces, one triaged sample window set."""
+"""Shared fixtures: a temporary Prefect API for the session, a local S3 (moto), sample traces, one triaged sample
+window set."""
 
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+# Credentials for the local S3 only; never let boto look further (instance metadata, profiles).
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+MOTO_KEY, MOTO_SECRET = "moto-test-key", "moto-test-secret-canary-7f3e"
 
 import pytest  # noqa: E402
 from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings  # noqa: E402
@@ -23,6 +28,23 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory):
     with temporary_settings(updates={PREFECT_RESULTS_LOCAL_STORAGE_PATH: results, "flows.heartbeat_frequency": None}):
         with prefect_test_harness(server_startup_timeout=60):
             yield
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A moto S3 server on a free loopback port, with an empty bucket `snapshots-bucket`."""
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    s3fs.S3FileSystem(key=MOTO_KEY, secret=MOTO_SECRET, endpoint_url=endpoint).mkdir("snapshots-bucket")
+    yield endpoint
+    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 from flows.loop import feedback_loop
 from flows.triage import triage, triage_latest
 from tasks.config import ActionConfig, FileSource, LoopConfig, When
-from tasks.dispatch import LEDGER_DIR, dispatch_lock, read_ledger
+from tasks.dispatch import LEDGER_DIR, read_ledger
 from tasks.langsmith import window_range
 from tasks.sample import generate_traces, write_sample
 from tasks.snapshot import SNAPSHOT_TABLES, SnapshotStore, read_table
@@ -162,26 +161,6 @@ def test_feedback_loop_without_a_source_says_what_to_pass():
 
 def _ledger_rows(out: Path, loop: str = "tracetriage") -> list[dict]:
     return read_ledger(SnapshotStore(str(out / "snapshots")), loop)
-
-
-def test_two_runs_of_a_loop_at_once_dispatch_one_after_the_other(tmp_path):
-    """A scheduled run and a manual rerun of a window: the second dispatches only once the first is done,
-    so it reads the ledger the first wrote and sends nothing twice."""
-    held: list[tuple[float, float]] = []
-
-    def dispatch() -> None:
-        with dispatch_lock(tmp_path / "dispatch.lock"):
-            began = time.monotonic()
-            time.sleep(0.5)
-            held.append((began, time.monotonic()))
-
-    runs = [threading.Thread(target=dispatch) for _ in range(2)]
-    for thread in runs:
-        thread.start()
-    for thread in runs:
-        thread.join()
-    first, second = sorted(held)
-    assert second[0] >= first[1]
 
 
 def test_a_root_cause_rule_acts_on_exactly_the_traces_whose_culprit_it_names(small_sample, tmp_path):

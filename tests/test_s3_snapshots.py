@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pandas as pd
-import pytest
 
 from blocks.storage import SnapshotStorage
 from flows.triage import triage
@@ -15,31 +11,8 @@ from tasks.dispatch import read_ledger
 from tasks.sample import DEFAULT_RATES, generate_windows, write_sample
 from tasks.snapshot import SnapshotStore
 from tasks.trends import new_failure_modes, read_series, spike_checks
-
-# Credentials for the local server only; never let boto look further (instance metadata, profiles).
-os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
-KEY, SECRET = "moto-test-key", "moto-test-secret-canary-7f3e"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    import s3fs
-
-    s3fs.S3FileSystem(key=KEY, secret=SECRET, endpoint_url=endpoint).mkdir("snapshots-bucket")
-    yield endpoint
-    server.stop()
+from tests.conftest import MOTO_KEY as KEY
+from tests.conftest import MOTO_SECRET as SECRET
 
 
 def test_s3_snapshots_give_the_same_trends_as_local_ones(s3_endpoint, tmp_path):

@@ -1,0 +1,150 @@
+"""One dispatch of a loop at a time, wherever it runs: a lease object on the snapshot store, beside the ledger.
+
+Two runs that dispatch the same loop at once (the hourly run on one worker, a backfill
+or a manual rerun on another) would both read the ledger before either wrote it, and
+both send. The lease keeps them apart: `_leases/dispatch-<loop>/<epoch>.json`, created
+only if no object has that name (a hard link on a disk, `If-None-Match: *` on S3), so
+of two runs taking the next epoch exactly one wins and the other waits.
+
+A lease is held while its holder lives. On the holder's own machine that is asked of
+the kernel, so a rerun right after a crash does not wait; elsewhere the lease expires
+`ttl` after its last renewal, and the holder renews it every third of `ttl` from a
+thread. A holder that finds its lease taken (it stalled for longer than the renewals
+allow) stops at its next ledger write.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from datetime import UTC, datetime
+from functools import cache
+from typing import Any
+
+import orjson
+
+from tasks.snapshot import SnapshotStore
+
+LEASE_DIR = "_leases"
+TTL_SECONDS = 600.0
+
+log = logging.getLogger("tracetriage.lease")
+
+
+class LeaseLost(RuntimeError):
+    """Another run took this dispatch's lease; it carries on from the ledger."""
+
+
+@cache
+def _machine() -> dict[str, str]:
+    """What tells this machine and pid namespace apart, so a pid is only looked up where it means something."""
+    def read(path: str) -> str:
+        try:
+            with open(path) as handle:
+                return handle.read().strip()
+        except OSError:
+            return ""
+
+    namespace = os.readlink("/proc/self/ns/pid") if os.path.exists("/proc/self/ns/pid") else ""
+    return {"host": socket.gethostname(), "boot": read("/proc/sys/kernel/random/boot_id"), "pidns": namespace}
+
+
+def process_started(pid: int) -> str | None:
+    """The start time of a live process (so a reused pid is not taken for it), or None if there is none."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[19]  # field 22 of proc(5), counted after the name
+    except OSError:
+        return None
+
+
+def holder_alive(holder: dict[str, Any], now: float, machine: dict[str, str]) -> bool:
+    if machine["boot"] and all(holder.get(key) == value for key, value in machine.items()):
+        return process_started(holder["pid"]) == holder["started"]
+    return holder["expires"] > now
+
+
+class DispatchLease:
+    """Held from `with` to its end; waits, logging who holds it, while another live run does.
+
+    >>> store = SnapshotStore("/tmp/tracetriage-doc-lease")
+    >>> with DispatchLease(store, "demo") as lease:
+    ...     lease.check()
+    """
+
+    def __init__(self, store: SnapshotStore, loop: str, ttl: float = TTL_SECONDS, poll: float = 0.2,
+                 machine: dict[str, str] | None = None):
+        self.store, self.loop, self.ttl, self.poll = store, loop, ttl, poll
+        self.machine = machine or _machine()
+        self.directory = f"{LEASE_DIR}/dispatch-{loop}"
+        self.token = uuid.uuid4().hex
+        self.epoch = 0
+        self.lost = False
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    def _name(self, epoch: int) -> str:
+        return f"{self.directory}/{epoch:012d}.json"
+
+    def _claim(self, epoch: int) -> bool:
+        holder = {**self.machine, "pid": os.getpid(), "started": process_started(os.getpid()), "token": self.token,
+                  "expires": time.time() + self.ttl, "renewed_at": datetime.now(UTC).isoformat()}
+        return self.store.put_bytes(self._name(epoch), orjson.dumps(holder), exclusive=True)
+
+    def acquire(self) -> None:
+        told = False
+        while True:
+            epochs = sorted(int(name.split(".")[0]) for name in self.store.listing(self.directory)
+                            if name.endswith(".json"))
+            latest = epochs[-1] if epochs else 0
+            if latest:
+                data = self.store.get_bytes(self._name(latest))
+                if data is None:  # released or renewed meanwhile
+                    continue
+                holder = orjson.loads(data)
+                if holder_alive(holder, time.time(), self.machine):
+                    if not told:
+                        log.info("dispatch of loop %r waits for the run holding it (host %s, pid %s)",
+                                 self.loop, holder["host"], holder["pid"])
+                        told = True
+                    time.sleep(self.poll)
+                    continue
+            if self._claim(latest + 1):
+                self.epoch = latest + 1
+                break
+        # Leases of runs that died before releasing theirs.
+        self.store.delete([self._name(epoch) for epoch in epochs])
+        self._renewer = threading.Thread(target=self._renew_until_released, daemon=True,
+                                         name=f"lease-{self.loop}")
+        self._renewer.start()
+
+    def _renew_until_released(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            if not self._claim(self.epoch + 1):
+                log.error("the dispatch lease of loop %r was taken by another run; this one stops", self.loop)
+                self.lost = True
+                return
+            self.store.delete([self._name(self.epoch)])
+            self.epoch += 1
+
+    def check(self) -> None:
+        if self.lost:
+            raise LeaseLost(f"another run took over the dispatch of loop {self.loop!r}; it carries on "
+                            f"from the ledger")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join()
+        self.store.delete([self._name(self.epoch)])  # ours, even when a later epoch took over
+
+    def __enter__(self) -> DispatchLease:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
