@@ -411,6 +411,8 @@ def dispatch_actions(
     rules = {config.action_name(i): rule for i, rule in enumerate(config.actions)}
     todo = [p for p in plan.actions if ledger.state(p["action_id"]) != "sent"]
     counts.skipped_duplicate = len(plan.actions) - len(todo)
+    # Planned or failed in an earlier run: the effect may have happened (what has no idempotency key checks).
+    tried_before = {p["action_id"] for p in todo if ledger.state(p["action_id"]) is not None}
     ledger.record_many([{"action_id": p["action_id"], "action": p["action"], "trace_id": p["trace_id"]}
                         for p in todo], "planned")
     loaded: list[dict[str, Any]] = []
@@ -447,6 +449,8 @@ def dispatch_actions(
             return [_prefect_event(rule, r) for r in records]
         if sinks.langsmith is None:
             return [("failed", "no LangSmith client: set LANGSMITH_API_KEY or source.credentials")] * len(records)
+        if do == "annotation_queue":
+            return sinks.langsmith.annotation_queue(rule, records, runs(), tried_before)
         return getattr(sinks.langsmith, do)(rule, records, runs())
 
     stage = f"dispatch {plan.actions[0]['window_start'][:16]}" if plan.actions else "dispatch"
@@ -490,6 +494,7 @@ def dispatch_actions(
             extra_rules.update(more)
     counts.planned += len(extra)
     extra_todo = [p for p in extra if ledger.state(p["action_id"]) != "sent"]
+    tried_before |= {p["action_id"] for p in extra_todo if ledger.state(p["action_id"]) is not None}
     total[0] += len(extra_todo)
     counts.skipped_duplicate += len(extra) - len(extra_todo)
     ledger.record_many([{"action_id": p["action_id"], "action": p["action"], "trace_id": p["trace_id"],

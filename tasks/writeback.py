@@ -14,6 +14,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
@@ -86,6 +87,7 @@ class LangSmithWriter:
         self.feedback_pace = RateLimiter(*FEEDBACK_LIMIT)
         self.other_pace = RateLimiter(*OTHER_LIMIT)
         self._queues: dict[str, str] = {}
+        self._queued: dict[str, set[str]] = {}
         self._datasets: dict[str, str] = {}
 
     def feedback(self, rule: ActionConfig, records: list[dict[str, Any]], runs: dict[str, Any]) -> list[Outcome]:
@@ -129,21 +131,38 @@ class LangSmithWriter:
                 self._queues[name] = str(queue_id)
         return self._queues[name]
 
-    def annotation_queue(self, rule: ActionConfig, records: list[dict[str, Any]],
-                         runs: dict[str, Any]) -> list[Outcome]:
-        """Runs added to the queue by key, in batches; the ledger keeps a run from being added twice."""
+    def annotation_queue(self, rule: ActionConfig, records: list[dict[str, Any]], runs: dict[str, Any],
+                         tried_before: AbstractSet[str] = frozenset()) -> list[Outcome]:
+        """Runs added to the queue by key, in batches; the ledger keeps a run from being added twice.
+
+        An add carries no idempotency key, so actions `tried_before` (a run died, or a send failed, after the add
+        may have landed) are first looked up in the queue, and the runs it holds are not added again."""
         try:
             queue = self.queue_id(rule)
+            held = self.queued_runs(queue) if any(r["action_id"] in tried_before for r in records) else set()
         except Exception as exc:  # noqa: BLE001
             return [("failed", f"annotation queue {rule.queue!r}: {_error(exc)}")] * len(records)
 
         def add(batch: list[dict[str, Any]]) -> None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                self.client.add_runs_to_annotation_queue(queue, runs=[_run_key(runs[r["trace_id"]]) for r in batch])
+            keys = [_run_key(runs[r["trace_id"]]) for r in batch]
+            if keys := [key for key in keys if key["run_id"] not in held]:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    self.client.add_runs_to_annotation_queue(queue, runs=keys)
 
         return _batched(records, runs, lambda batch: with_retries(lambda: add(batch), self.other_pace),
                         lambda r: {"queue_id": queue})
+
+    def queued_runs(self, queue: str) -> set[str]:
+        """The ids of the runs a queue holds, read once per window."""
+        if queue not in self._queued:
+            def listed() -> set[str]:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    return {str(run.id) for run in self.client.list_runs_from_annotation_queue(queue)}
+
+            self._queued[queue] = with_retries(listed, self.other_pace)
+        return self._queued[queue]
 
     def dataset_id(self, rule: ActionConfig) -> str:
         name = rule.dataset

@@ -112,6 +112,22 @@ def test_a_rerun_of_the_same_window_adds_nothing(records, langsmith_env, tmp_pat
         assert server.violations == []
 
 
+def test_a_rerun_after_a_crash_between_the_sends_and_their_ledger_entries_adds_nothing_twice(records, langsmith_env, tmp_path):
+    """The run died after its sends, before any `sent` reached the ledger: feedback and examples come back as
+    409 (same ids), and the queue, whose adds carry no id, is asked which runs it already holds."""
+    with LangSmithTestServer(api_key=KEY) as server:
+        langsmith_env(server)
+        server.add_project(PROJECT, records)
+        run(loop(), tmp_path)
+        first, adds = external_state(server), len(server.queue_adds)
+        for segment in (tmp_path / "snapshots" / "_ledger").rglob("*.jsonl"):  # as the crash left it
+            segment.write_text(segment.read_text().replace('"state":"sent"', '"state":"planned"'))
+        again = run(loop(), tmp_path)
+        assert external_state(server) == first and len(server.queue_adds) == adds > 0
+        assert again["windows"][0]["actions"]["sent"] == again["windows"][0]["actions"]["planned"] > 0
+        assert server.counts()["queue_list_runs"] == 1 and server.violations == []
+
+
 @pytest.mark.parametrize("api", ["v2", "v1"])
 def test_with_a_fifth_of_requests_failing_the_result_is_the_same_as_a_clean_run(records, langsmith_env, tmp_path,
                                                                                   clean, api):
