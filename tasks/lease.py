@@ -26,6 +26,8 @@ from functools import cache
 from typing import Any
 
 import orjson
+from prefect import get_run_logger
+from prefect.exceptions import MissingContextError
 
 from tasks.snapshot import SnapshotStore
 
@@ -33,6 +35,14 @@ LEASE_DIR = "_leases"
 TTL_SECONDS = 600.0
 
 log = logging.getLogger("tracetriage.lease")
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    """The flow run's logger when there is one, so a wait shows in the Prefect UI."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return log
 
 
 class LeaseLost(RuntimeError):
@@ -108,8 +118,10 @@ class DispatchLease:
                 holder = orjson.loads(data)
                 if holder_alive(holder, time.time(), self.machine):
                     if not told:
-                        log.info("dispatch of loop %r waits for the run holding it (host %s, pid %s)",
-                                 self.loop, holder["host"], holder["pid"])
+                        until = datetime.fromtimestamp(holder["expires"], UTC).isoformat(timespec="seconds")
+                        _logger().info("dispatch of loop %r waits for the run holding it (host %s, pid %s) to end, "
+                                       "or its lease to expire (%s unless renewed)", self.loop, holder["host"],
+                                       holder["pid"], until)
                         told = True
                     time.sleep(self.poll)
                     continue

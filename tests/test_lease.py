@@ -97,13 +97,15 @@ def test_a_lease_left_by_a_dead_run_on_this_machine_is_taken_at_once(tmp_path):
         assert store.listing("_leases/dispatch-loop") == ["000000000002.json"]  # the dead one's is gone
 
 
-def test_a_lease_of_another_machine_is_honoured_until_it_expires(tmp_path):
+def test_a_lease_of_another_machine_is_honoured_until_it_expires(tmp_path, caplog):
     store = SnapshotStore(str(tmp_path / "snapshots"))
     expires = time.time() + 1.0
     store.put_bytes("_leases/dispatch-loop/000000000007.json",
                     orjson.dumps({**ELSEWHERE, "pid": 1, "started": "1", "expires": expires}), exclusive=True)
-    with DispatchLease(store, "loop", poll=0.05) as lease:
+    with caplog.at_level("INFO", logger="tracetriage.lease"), DispatchLease(store, "loop", poll=0.05) as lease:
         assert time.time() >= expires and lease.epoch == 8
+    (waiting,) = [r.getMessage() for r in caplog.records if "waits" in r.getMessage()]
+    assert "host worker-2, pid 1" in waiting and "expire" in waiting
 
 
 def test_a_run_whose_lease_was_taken_stops_at_its_next_ledger_write(tmp_path):
