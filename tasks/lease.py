@@ -4,7 +4,9 @@ Two runs that dispatch the same loop at once (the hourly run on one worker, a ba
 or a manual rerun on another) would both read the ledger before either wrote it, and
 both send. The lease keeps them apart: `_leases/dispatch-<loop>/<epoch>.json`, created
 only if no object has that name (a hard link on a disk, `If-None-Match: *` on S3), so
-of two runs taking the next epoch exactly one wins and the other waits.
+of two runs taking the next epoch exactly one wins and the other waits. Epochs only
+grow: a renewal and a release (a `released` marker) each take the next one, and only
+the claimer of a later epoch removes earlier ones.
 
 A lease is held while its holder lives. On the holder's own machine that is asked of
 the kernel, so a rerun right after a crash does not wait; elsewhere the lease expires
@@ -100,23 +102,29 @@ class DispatchLease:
     def _name(self, epoch: int) -> str:
         return f"{self.directory}/{epoch:012d}.json"
 
-    def _claim(self, epoch: int) -> bool:
-        holder = {**self.machine, "pid": os.getpid(), "started": process_started(os.getpid()), "token": self.token,
-                  "expires": time.time() + self.ttl, "renewed_at": datetime.now(UTC).isoformat()}
-        return self.store.put_bytes(self._name(epoch), orjson.dumps(holder), exclusive=True)
+    def _epochs(self) -> list[int]:
+        return sorted(int(name.split(".")[0]) for name in self.store.listing(self.directory) if name.endswith(".json"))
+
+    def _claim(self, epoch: int, released: bool = False) -> bool:
+        if released:
+            content = {"released": True, "token": self.token, "at": datetime.now(UTC).isoformat()}
+        else:
+            content = {**self.machine, "pid": os.getpid(), "started": process_started(os.getpid()),
+                       "token": self.token, "expires": time.time() + self.ttl,
+                       "renewed_at": datetime.now(UTC).isoformat()}
+        return self.store.put_bytes(self._name(epoch), orjson.dumps(content), exclusive=True)
 
     def acquire(self) -> None:
         told = False
         while True:
-            epochs = sorted(int(name.split(".")[0]) for name in self.store.listing(self.directory)
-                            if name.endswith(".json"))
+            epochs = self._epochs()
             latest = epochs[-1] if epochs else 0
             if latest:
                 data = self.store.get_bytes(self._name(latest))
-                if data is None:  # released or renewed meanwhile
+                if data is None:  # removed by a run that claimed a later epoch
                     continue
                 holder = orjson.loads(data)
-                if holder_alive(holder, time.time(), self.machine):
+                if not holder.get("released") and holder_alive(holder, time.time(), self.machine):
                     if not told:
                         until = datetime.fromtimestamp(holder["expires"], UTC).isoformat(timespec="seconds")
                         _logger().info("dispatch of loop %r waits for the run holding it (host %s, pid %s) to end, "
@@ -128,7 +136,7 @@ class DispatchLease:
             if self._claim(latest + 1):
                 self.epoch = latest + 1
                 break
-        # Leases of runs that died before releasing theirs.
+        # Only the claimer of a later epoch removes earlier ones, so the latest epoch is always there to see.
         self.store.delete([self._name(epoch) for epoch in epochs])
         self._renewer = threading.Thread(target=self._renew_until_released, daemon=True,
                                          name=f"lease-{self.loop}")
@@ -136,7 +144,12 @@ class DispatchLease:
 
     def _renew_until_released(self) -> None:
         while not self._stop.wait(self.ttl / 3):
-            if not self._claim(self.epoch + 1):
+            # A later epoch than ours, even one whose number we could claim again after it was cleaned up,
+            # means another run took over.
+            claimed = self._claim(self.epoch + 1)
+            if not claimed or self._epochs()[-1] != self.epoch + 1:
+                if claimed:
+                    self.store.delete([self._name(self.epoch + 1)])
                 log.error("the dispatch lease of loop %r was taken by another run; this one stops", self.loop)
                 self.lost = True
                 return
@@ -149,10 +162,12 @@ class DispatchLease:
                             f"from the ledger")
 
     def release(self) -> None:
+        """A `released` marker as the next epoch: fails, harmlessly, if another run took over meanwhile."""
         self._stop.set()
         if self._renewer is not None:
             self._renewer.join()
-        self.store.delete([self._name(self.epoch)])  # ours, even when a later epoch took over
+        if not self.lost:
+            self._claim(self.epoch + 1, released=True)
 
     def __enter__(self) -> DispatchLease:
         self.acquire()

@@ -112,7 +112,8 @@ def test_a_rerun_of_the_same_window_adds_nothing(records, langsmith_env, tmp_pat
         assert server.violations == []
 
 
-def test_a_rerun_after_a_crash_between_the_sends_and_their_ledger_entries_adds_nothing_twice(records, langsmith_env, tmp_path):
+def test_a_rerun_after_a_crash_between_the_sends_and_their_ledger_entries_adds_nothing_twice(records, langsmith_env,
+                                                                                              tmp_path):
     """The run died after its sends, before any `sent` reached the ledger: feedback and examples come back as
     409 (same ids), and the queue, whose adds carry no id, is asked which runs it already holds."""
     with LangSmithTestServer(api_key=KEY) as server:

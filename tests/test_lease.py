@@ -69,7 +69,13 @@ def test_two_runs_of_a_loop_at_once_dispatch_one_after_the_other(store):
     for thread in runs:
         thread.join()
     first, second = sorted(held)
-    assert second[0] >= first[1] and store.listing("_leases/dispatch-loop") == []
+    assert second[0] >= first[1] and released(store, "loop")
+
+
+def released(store: SnapshotStore, loop: str) -> bool:
+    """The loop's latest lease epoch is a release: nobody holds it."""
+    latest = store.listing(f"_leases/dispatch-{loop}")[-1]
+    return orjson.loads(store.get_bytes(f"_leases/dispatch-{loop}/{latest}")).get("released", False)
 
 
 def test_a_run_on_another_machine_waits_while_the_holder_renews_past_its_ttl(store):
@@ -122,7 +128,28 @@ def test_a_run_whose_lease_was_taken_stops_at_its_next_ledger_write(tmp_path):
         with pytest.raises(LeaseLost, match="another run took over"):
             ledger.record_many([{"action_id": "a1", "response": "ok"}], "sent")
     assert [r["state"] for r in read_ledger(store, "loop")] == ["planned", "sent"]  # the send stays on record
-    assert len(store.listing("_leases/dispatch-loop")) == 1  # the other run's lease, left alone
+    assert not released(store, "loop")  # the other run's lease is the latest, left alone
+
+
+def test_a_stalled_holder_whose_epoch_was_reused_and_cleaned_up_still_knows_it_lost(tmp_path):
+    """Another run took over, finished and released, and a third cleaned up: the stalled run's renewal could
+    claim its next epoch number again, but a later epoch is there, so it stops."""
+    store = SnapshotStore(str(tmp_path / "snapshots"))
+    with DispatchLease(store, "loop", ttl=0.6, machine=ELSEWHERE) as stalled:
+        stalled._stop.set()  # stalled: no renewals for now
+        stalled._renewer.join()
+        time.sleep(0.6)  # its lease expires
+        for _ in range(2):  # two later runs come and go; the second removes every earlier epoch
+            with DispatchLease(store, "loop", poll=0.05):
+                pass
+        assert store.listing("_leases/dispatch-loop") == ["000000000004.json", "000000000005.json"]
+        stalled._stop.clear()
+        threading.Thread(target=stalled._renew_until_released, daemon=True).start()
+        time.sleep(0.5)
+        assert stalled.lost
+        with pytest.raises(LeaseLost):
+            stalled.check()
+    assert released(store, "loop")
 
 
 class SlowReceiver(Receiver):
@@ -166,4 +193,4 @@ def test_two_machines_sharing_the_s3_store_send_each_action_once(tmp_path, s3_en
                           {"key": MOTO_KEY, "secret": MOTO_SECRET, "endpoint_url": s3_endpoint})
     rows = read_ledger(store, "shared")
     assert {r["action_id"] for r in rows} == set(runs) and {r["state"] for r in rows} == {"sent"}
-    assert store.listing("_leases/dispatch-shared") == []
+    assert released(store, "shared")
