@@ -85,8 +85,8 @@ class RateLimiter:
                     return
                 # When full, a slot frees as the oldest release leaves the window (or at a release, if none has).
                 free_at = self._done[0] + self.per if self._done else now + 1.0
-                self._changed.wait(max((max(free_at, self._paused_until) if full else self._paused_until) - now,
-                                       0.001))
+                wake = max(free_at, self._paused_until) if full else self._paused_until
+                self._changed.wait(max(wake - now, 0.001))
 
     def release(self) -> None:
         with self._changed:
