@@ -15,8 +15,8 @@ from prefect import flow, get_run_logger, unmapped
 from prefect.runtime import flow_run
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from tasks.aggregate import aggregate_task, patterns_table, root_causes_table
-from tasks.attribute import SPAN_COLUMNS, attribute_task, attribution_table
+from tasks.aggregate import aggregate_task
+from tasks.attribute import SPAN_COLUMNS, attribute_task
 from tasks.cache import stable_hash, work_epoch
 from tasks.config import FileSource, LangSmithSource, LoopConfig, RunnerConfig
 from tasks.dispatch import Sinks, dispatch_task, unfinished_windows
@@ -26,7 +26,7 @@ from tasks.fetch import SourceSpans, WindowSpans, fetch_task, langsmith_fetch_ta
 from tasks.langsmith import langsmith_client, meta_path, project_id, window_range
 from tasks.partition import evaluators_table, partition_task, scores_for_analysis, status_counts
 from tasks.progress import track_batches
-from tasks.schemas import SCHEMA_VERSION, WINDOWS
+from tasks.schemas import ATTRIBUTION, PATTERNS, ROOT_CAUSES, SCHEMA_VERSION, WINDOWS, frame_table
 from tasks.scoring import bind_all, metadata_path
 from tasks.slack import slack_target
 from tasks.snapshot import open_store, snapshot_task, spans_snapshot
@@ -114,8 +114,9 @@ def triage_window(config: LoopConfig, window: WindowSpans, source_token: str, ou
                                           "failing_traces": [failing]}),
                             evaluators.to_pandas(), root_causes, patterns)
     spike = spike_task(store, current, window_start, config.spikes)
-    tables = {"scores": judged, "attribution": attribution_table(attribution), "patterns": patterns_table(patterns),
-              "root_causes": root_causes_table(root_causes), "evaluators": evaluators}
+    tables = {"scores": judged, "attribution": frame_table(attribution, ATTRIBUTION),
+              "patterns": frame_table(patterns, PATTERNS), "root_causes": frame_table(root_causes, ROOT_CAUSES),
+              "evaluators": evaluators}
     if config.snapshots.spans:
         tables["spans"] = spans_snapshot(window.path, window_start)
     if config.runner.dask_address:  # submitting would ship the tables to a Dask worker: write them from here

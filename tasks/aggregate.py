@@ -15,12 +15,11 @@ from datetime import datetime
 import numpy as np
 import orjson
 import pandas as pd
-import pyarrow as pa
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.config import EvaluatorConfig
-from tasks.schemas import PATTERNS, ROOT_CAUSES, SCHEMA_VERSION
+from tasks.schemas import SCHEMA_VERSION
 
 EXAMPLES = 5
 MIN_SPANS_FOR_OUTLIERS = 20
@@ -171,14 +170,6 @@ def root_cause_shares(attribution: pd.DataFrame, verdicts: pd.DataFrame, window_
         "schema_version": SCHEMA_VERSION,
     })
     return out.sort_values(["share", "span_name"], ascending=[False, True], ignore_index=True)
-
-
-def patterns_table(frame: pd.DataFrame) -> pa.Table:
-    return pa.Table.from_pandas(frame[[f.name for f in PATTERNS]], schema=PATTERNS, preserve_index=False)
-
-
-def root_causes_table(frame: pd.DataFrame) -> pa.Table:
-    return pa.Table.from_pandas(frame[[f.name for f in ROOT_CAUSES]], schema=ROOT_CAUSES, preserve_index=False)
 
 
 @task(name="aggregate", cache_policy=NO_CACHE)

@@ -15,11 +15,10 @@ from datetime import datetime
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.schemas import ATTRIBUTION, SCHEMA_VERSION
+from tasks.schemas import SCHEMA_VERSION
 
 ERROR = "error"
 BELOW_THRESHOLD = "below_threshold"
@@ -86,10 +85,6 @@ def span_attribution(
     candidates.insert(0, "window_start", pd.Timestamp(window_start))
     candidates["schema_version"] = SCHEMA_VERSION
     return candidates.reset_index(drop=True)
-
-
-def attribution_table(frame: pd.DataFrame) -> pa.Table:
-    return pa.Table.from_pandas(frame[[f.name for f in ATTRIBUTION]], schema=ATTRIBUTION, preserve_index=False)
 
 
 @task(name="attribute", cache_policy=NO_CACHE)

@@ -7,7 +7,12 @@ old partition with the current schema, the missing columns as nulls.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pyarrow as pa
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 SCHEMA_VERSION = 2
 SCHEMA_CHANGES = {
@@ -148,6 +153,14 @@ SPANS_SNAPSHOT = pa.schema(
     + [f for f in SPANS if f.name not in ("record_offset", "record_length")]
     + [("schema_version", pa.int32())]
 )
+
+def frame_table(frame: pd.DataFrame, schema: pa.Schema) -> pa.Table:
+    """The frame's columns of `schema` as an Arrow table of that schema. An empty frame gives the empty table:
+    pandas types an empty column by its own defaults (a list column as strings), which Arrow cannot cast."""
+    if frame.empty:
+        return schema.empty_table()
+    return pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False)
+
 
 SNAPSHOT_TABLES = {
     "scores": SCORES,
