@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import sys
+import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -86,6 +87,19 @@ def _progress_bar():
     return running()
 
 
+def _unwritable(out: Path) -> str | None:
+    """Why the output directory cannot be written (made if missing, then a file tried in it), or None."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except FileExistsError:
+        return "is a file, not a directory"
+    except OSError as exc:
+        return f"is not writable: {exc.strerror or exc}"
+    return None
+
+
 def run_command(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config) if args.config else load_config(data={})
@@ -106,19 +120,34 @@ def run_command(args: argparse.Namespace) -> int:
     if args.start and args.end and args.start >= args.end:
         print("tracetriage: --start must be before --end", file=sys.stderr)
         return 2
+    if (problem := _unwritable(Path(args.out))) is not None:
+        print(f"tracetriage: --out {args.out} {problem}", file=sys.stderr)
+        return 2
     stdout = sys.stdout
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext(), _progress_bar():
         try:
             result = triage(config=config, start=args.start, end=args.end, out=args.out)
-        except (ValueError, FileNotFoundError, LangSmithSourceError, LangSmithFetchError) as exc:
+        except (ValueError, LangSmithSourceError, LangSmithFetchError) as exc:
             print(f"tracetriage: {exc}", file=sys.stderr)
             return 1
+        except OSError as exc:  # a full or read-only disk: which path, in one line; the rerun sends nothing twice
+            where = f"{exc.filename}: " if exc.filename else ""
+            print(f"tracetriage: {where}{exc.strerror or exc}", file=sys.stderr)
+            return 1
+    from tasks.summary import skipped_text
+
+    skipped = skipped_text(result["skipped"])
+    if not result["windows"] and skipped:
+        print(f"tracetriage: nothing to triage in {result['source']}: {skipped}", file=sys.stderr)
+        return 1
     if args.json:
         stdout.write(json.dumps({"windows": result["windows"], "skipped": result["skipped"]}, indent=2) + "\n")
     else:
         from tasks.summary import summary_text
 
         print(f"\ntriaged {len(result['windows'])} windows of {result['source']}\n")
+        if skipped:
+            print(skipped + "\n")
         for window in result["windows"]:
             print(summary_text(window) + "\n")
         where = result["windows"][-1]["snapshot_uri"] if result["windows"] else f"{args.out}/snapshots"

@@ -26,6 +26,7 @@ from tasks.fetch import SourceSpans, WindowSpans, fetch_task, langsmith_fetch_ta
 from tasks.langsmith import langsmith_client, meta_path, project_id, window_range
 from tasks.partition import evaluators_table, partition_task, scores_for_analysis, status_counts
 from tasks.progress import track_batches
+from tasks.records import check_records_file
 from tasks.schemas import ATTRIBUTION, PATTERNS, ROOT_CAUSES, SCHEMA_VERSION, WINDOWS, frame_table
 from tasks.scoring import bind_all, metadata_path
 from tasks.slack import slack_target
@@ -43,8 +44,8 @@ WORKERS = int(os.environ.get("TRACETRIAGE_WORKERS", "4"))
 def validate(config: LoopConfig) -> LoopConfig:
     """Everything that can be checked before a side effect: the source, evaluators, action functions,
     LangSmith credentials and project."""
-    if isinstance(config.source, FileSource) and not Path(config.source.path).expanduser().exists():
-        raise FileNotFoundError(f"source file {config.source.path} does not exist; check source.path or --source")
+    if isinstance(config.source, FileSource):
+        check_records_file(config.source.path)
     bind_all(config.evaluators)
     for action in config.actions:
         if action.ref:

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_WINDOW = timedelta(days=366)  # longer windows (or lags) push window ends past what a datetime holds
 
 
 def parse_duration(text: str | int | float) -> timedelta:
@@ -26,7 +27,10 @@ def parse_duration(text: str | int | float) -> timedelta:
     match = _DURATION.match(str(text))
     if not match:
         raise ValueError(f"duration {text!r} is not understood; write it like '30s', '15m', '1h' or '1d'")
-    return timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+    try:
+        return timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+    except OverflowError:
+        raise ValueError(f"duration {text!r} is too long") from None
 
 
 class _Strict(BaseModel):
@@ -98,6 +102,8 @@ class WindowConfig(_Strict):
     def _is_positive_duration(cls, value: str) -> str:
         if parse_duration(value) <= timedelta(0):
             raise ValueError(f"window size {value!r} must be longer than zero, e.g. '1h'")
+        if parse_duration(value) > MAX_WINDOW:
+            raise ValueError(f"window size {value!r} is longer than {MAX_WINDOW.days}d")
         return value
 
     @field_validator("lag")
@@ -105,6 +111,8 @@ class WindowConfig(_Strict):
     def _is_duration(cls, value: str) -> str:
         if parse_duration(value) < timedelta(0):
             raise ValueError(f"window lag {value!r} cannot be negative")
+        if parse_duration(value) > MAX_WINDOW:
+            raise ValueError(f"window lag {value!r} is longer than {MAX_WINDOW.days}d")
         return value
 
     @property
@@ -134,7 +142,8 @@ class SpanTarget(_Strict):
 class EvaluatorConfig(_Strict):
     key: str = Field(description="Feedback key the scores are recorded under.")
     ref: str = Field(description="Import path 'package.module:function', or 'builtin:<name>'.")
-    threshold: float = Field(0.5, description="Scores below it fail (above it with higher_is_better: false).")
+    threshold: float = Field(0.5, strict=True,  # a quoted "0.5" is a typo to point out, not a number to guess
+                             description="Scores below it fail (above it with higher_is_better: false).")
     higher_is_better: bool = True
     score_range: tuple[float, float] = Field(
         (0.0, 1.0), description="The scores this evaluator gives; the threshold must lie inside it."
@@ -221,8 +230,8 @@ class When(_Strict):
 
     evaluator: str | None = Field(None, description="Evaluator key whose score is compared.")
     span: str | None = Field(None, description="With a span evaluator: only the scores of spans with this name.")
-    below: float | None = None
-    above: float | None = None
+    below: float | None = Field(None, strict=True)
+    above: float | None = Field(None, strict=True)
     failing: bool | None = Field(None, description="true: every failing trace.")
     spike: bool | None = Field(None, description="true: once per spike episode (and once when it recovers).")
     root_cause: RootCause | None = Field(None, description="Failing traces whose culprit span matches.")
@@ -244,6 +253,9 @@ class When(_Strict):
                              "`pattern:` or `spike: true`")
         if self.evaluator is not None and self.below is None and self.above is None:
             raise ValueError(f"`when: {{evaluator: {self.evaluator}}}` needs `below:` or `above:`")
+        if self.below is not None and self.above is not None and self.below <= self.above:
+            raise ValueError(f"`when: {{below: {self.below}, above: {self.above}}}` matches no score (none is below "
+                             f"{self.below} and above {self.above} at once); for either side, write two rules")
         if self.span is not None and self.evaluator is None:
             raise ValueError(f"`when: {{span: {self.span}}}` compares a span evaluator's score: add `evaluator:` and "
                              f"`below:` or `above:` (or use `root_cause: {{span: {self.span}}}`)")
@@ -315,6 +327,12 @@ class ActionConfig(_Strict):
                                  "not both")
             if self.credentials and not self.channel:
                 raise ValueError("`do: slack` with `credentials:` (a bot token) needs `channel: '#name'`")
+            if self.api_url is not None:
+                from tasks.webhook import is_allowed_url
+
+                if not is_allowed_url(self.api_url):  # the bot token goes with every request
+                    raise ValueError(f"`do: slack` api_url {self.api_url!r} must use https (http is allowed only to "
+                                     f"localhost)")
         if parse_duration(self.cooldown) <= timedelta(0):
             raise ValueError(f"cooldown {self.cooldown!r} must be longer than zero, e.g. '1h'")
         return self
@@ -409,8 +427,9 @@ class LoopConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _name_is_plain(cls, value: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", value):
-            raise ValueError(f"loop name {value!r} must be letters, digits, '_', '-' or '.'")
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", value) or not value.strip("."):
+            raise ValueError(f"loop name {value!r} must be letters, digits, '_', '-' or '.', and not only dots "
+                             f"(it names directories of the ledger)")
         return value
 
     @model_validator(mode="after")
@@ -514,6 +533,10 @@ def load_config(path: str | Path | None = None, data: dict[str, Any] | None = No
             data = yaml.safe_load(Path(path).read_text())
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {path} is a directory; give the path of its YAML file") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {path} cannot be read: {exc}") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     if data is None:

@@ -14,7 +14,11 @@ only when that span is scored. A Parquet source is first written out as JSONL.
 A well-formed JSONL file is read by Arrow's multi-threaded JSON reader with only
 the scalar fields, and checked column by column; a file with any line Arrow cannot
 read (not JSON, or a field of an unexpected type) goes through the record-by-record
-path, which says which line was wrong and why.
+path, which says which line was wrong and why. So does a file with a line that Arrow
+reads but orjson would refuse when the span is scored (invalid UTF-8 in a field
+Arrow skips, a byte order mark starting a line, nesting deeper than orjson's 1,024
+levels): such a record is skipped and named by its line, never left to fail the
+window at evaluation. A byte order mark at the start of the file is accepted.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import pyarrow.compute as pc
 import pyarrow.json as pj
 import pyarrow.parquet as pq
 
+from tasks.config import MAX_WINDOW
 from tasks.schemas import SPANS
 
 RUN_TYPES = ["tool", "chain", "llm", "retriever", "embedding", "prompt", "parser"]
@@ -44,6 +49,11 @@ _STAMP_LEN = 22  # 20261102T090001929828Z
 _SEGMENT = _STAMP_LEN + _UUID_LEN
 _TS = pa.timestamp("us", tz="UTC")
 RECORDS_KEY = b"tracetriage.records"  # Parquet metadata: the JSONL file the spans' record offsets point into
+BOM = b"\xef\xbb\xbf"
+MAX_DEPTH = 1024  # orjson's nesting limit: a deeper record cannot be parsed when its span is scored
+# The latest start a window can hold: its end, plus the lag, must still be a datetime.
+LATEST_START = datetime.max.replace(tzinfo=UTC) - 3 * MAX_WINDOW
+_TIMES = {"start_time", "end_time"}
 
 # The scalar fields of a run record, in both wire forms; everything else stays in the file.
 _SCALARS = pa.schema(
@@ -127,12 +137,52 @@ def _line_spans(path: Path, chunk: int = 1 << 26) -> tuple[np.ndarray, np.ndarra
         del data  # the mmap cannot close while an array still points into it
     begin = np.r_[0, newlines + 1].astype(np.int64)
     length = np.r_[newlines, size].astype(np.int64) - begin
+    if _starts_with_bom(path):
+        begin[0] += len(BOM)
+        length[0] -= len(BOM)
     keep = length > 0
     return begin[keep], length[keep], np.flatnonzero(keep) + 1
 
 
+def _starts_with_bom(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(len(BOM)) == BOM
+
+
+def _decodable(path: Path, offsets: np.ndarray, lengths: np.ndarray, chunk: int = 1 << 26) -> bool:
+    """Whether orjson can parse every line that Arrow read: valid UTF-8 throughout, no byte order mark starting a
+    line, no nesting past MAX_DEPTH. Checked in bulk; a line long enough to hold more opening brackets than
+    MAX_DEPTH has them counted, and only one that has is parsed here."""
+    if not len(offsets):
+        return True
+    ends = offsets + lengths
+    long = np.flatnonzero(lengths > 2 * MAX_DEPTH)  # a depth over MAX_DEPTH takes that many brackets, and closers
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        data = np.frombuffer(mapped, dtype=np.uint8)
+        lines = pa.Array.from_buffers(pa.large_string(), len(offsets),
+                                      [None, pa.py_buffer(np.r_[offsets, ends[-1]]), pa.py_buffer(data)])
+        heads = np.stack([data[np.minimum(offsets + i, len(data) - 1)] for i in range(len(BOM))], axis=1)
+        brackets = np.zeros(len(long), dtype=np.int64)
+        for begin in range(0, len(data), chunk):
+            inside = long[(offsets[long] < begin + chunk) & (ends[long] > begin)]
+            if len(inside):
+                opening = np.flatnonzero((data[begin:begin + chunk] | 0x20) == ord("{")) + begin  # `{` and `[`
+                brackets[np.searchsorted(long, inside)] += (np.searchsorted(opening, ends[inside])
+                                                            - np.searchsorted(opening, offsets[inside]))
+        try:
+            lines.validate(full=True)  # UTF-8, by Arrow's vectorised check
+            for i in long[brackets > MAX_DEPTH]:
+                orjson.loads(mapped[offsets[i]:ends[i]])
+        except (pa.ArrowInvalid, orjson.JSONDecodeError):
+            return False
+        finally:
+            del data, lines  # the mmap cannot close while an array still points into it
+    return not (heads == np.frombuffer(BOM, np.uint8)).all(axis=1).any()
+
+
 def _scalars_columnar(path: Path) -> pa.Table | None:
-    """The scalar fields of every line, by Arrow's JSON reader; None when it cannot read every line."""
+    """The scalar fields of every line, by Arrow's JSON reader; None when it cannot read every line, or orjson
+    could not parse one of them when its span is scored."""
     try:
         rows = pj.read_json(
             path,
@@ -142,8 +192,8 @@ def _scalars_columnar(path: Path) -> pa.Table | None:
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
         return None
     offsets, lengths, lines = _line_spans(path)
-    if len(offsets) != rows.num_rows:
-        return None  # whitespace-only lines: let the record-by-record path number lines exactly
+    if len(offsets) != rows.num_rows or not _decodable(path, offsets, lengths):
+        return None  # whitespace-only or undecodable lines: the record-by-record path numbers them exactly
     return rows.append_column("record_offset", pa.array(offsets)).append_column(
         "record_length", pa.array(lengths)).append_column("line", pa.array(lines))
 
@@ -160,6 +210,8 @@ def _scalar_row(record: Any) -> dict[str, Any] | str:
         elif field_.type == pa.string():
             if isinstance(value, datetime):
                 value = (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
+            if not isinstance(value, str) and field_.name in _TIMES:
+                return f"{field_.name} is not an ISO time string (it is {_JSON_KIND.get(type(value), 'a number')})"
             row[field_.name] = value if isinstance(value, str) else str(value) if field_.name in _TEXTUAL else None
         elif isinstance(value, bool) or not isinstance(value, int | float):
             return f"malformed field ({field_.name})"
@@ -169,6 +221,19 @@ def _scalar_row(record: Any) -> dict[str, Any] | str:
 
 
 _TEXTUAL = {"name", "run_type", "status", "error"}
+_JSON_KIND = {bool: "true or false", list: "a list", dict: "an object"}
+
+
+def _undecodable(error: orjson.JSONDecodeError) -> str:
+    """Why orjson refused a line, as a skip reason (its message's position is inside the record, not the file)."""
+    message = str(error)
+    if "byte order mark" in message:
+        return "not valid JSON (a UTF-8 byte order mark starts the line)"
+    if "UTF-8" in message:
+        return "not valid UTF-8"
+    if "depth" in message:
+        return f"nested deeper than {MAX_DEPTH} levels"
+    return "not valid JSON"
 
 
 def _scalars_by_record(path: Path, skipped: Skipped) -> pa.Table:
@@ -178,12 +243,14 @@ def _scalars_by_record(path: Path, skipped: Skipped) -> pa.Table:
         offset = 0
         for number, line in enumerate(handle, start=1):
             begin, offset = offset, offset + len(line)
+            if number == 1 and line.startswith(BOM):
+                begin, line = len(BOM), line[len(BOM):]
             if not line.strip():
                 continue
             try:
                 row = _scalar_row(orjson.loads(line))
-            except orjson.JSONDecodeError:
-                row = "not valid JSON"
+            except orjson.JSONDecodeError as exc:
+                row = _undecodable(exc)
             if isinstance(row, str):
                 skipped.add(row, f"line {number}")
                 continue
@@ -244,6 +311,23 @@ def _timestamps(rows: pa.Table, skipped: Skipped) -> tuple[pa.Table, Any, Any]:
         return _timestamps(rows, skipped)
 
 
+def _plausible_times(rows: pa.Table, start: Any, end: Any, skipped: Skipped) -> tuple[pa.Table, Any, Any]:
+    """Rows whose end is not before their start (a negative latency would pass any latency check), and whose start
+    leaves room for a window after it."""
+    checks = [("end_time before start_time", pc.fill_null(pc.less(end, start), False)),
+              (f"start_time after {LATEST_START:%Y-%m-%d}", pc.fill_null(pc.greater(start, LATEST_START), False))]
+    bad = np.zeros(rows.num_rows, dtype=bool)
+    reasons = np.full(rows.num_rows, None, dtype=object)
+    for label, failed in reversed(checks):
+        failed = failed.to_numpy(zero_copy_only=False)
+        reasons[failed] = label
+        bad |= failed
+    if not bad.any():
+        return rows, start, end
+    keep = pa.array(~bad)
+    return _drop(rows, bad, list(reasons[bad]), skipped), start.filter(keep), end.filter(keep)
+
+
 def _valid_stamps(texts: list[str | None]) -> list[bool]:
     valid = []
     for text in texts:
@@ -265,6 +349,7 @@ def _spans(rows: pa.Table, path: Path, skipped: Skipped) -> pa.Table:
         bad = pc.is_valid(reasons).to_numpy(zero_copy_only=False)
         rows = _drop(rows, bad, reasons.drop_null().to_pylist(), skipped)
     rows, start_time, end_time = _timestamps(rows, skipped)
+    rows, start_time, end_time = _plausible_times(rows, start_time, end_time, skipped)
     dotted = rows.column("dotted_order")
     lineage_parent = pc.if_else(
         pc.greater(pc.utf8_length(dotted), _SEGMENT),
@@ -325,19 +410,30 @@ def parquet_as_jsonl(path: Path, out_path: Path) -> Path:
     return out_path
 
 
+RECORD_SUFFIXES = (".jsonl", ".json", ".ndjson", ".parquet")
+
+
+def check_records_file(path: str | Path) -> Path:
+    """A run-records file that can be read: raises FileNotFoundError or ValueError (naming the fix) otherwise."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"run records file {path} does not exist; check source.path or --source")
+    if path.is_dir():
+        raise ValueError(f"run records file {path} is a directory; give one .jsonl or .parquet file")
+    if path.suffix not in RECORD_SUFFIXES:
+        raise ValueError(f"run records file {path} must end in .jsonl or .parquet (export the runs as JSONL)")
+    return path
+
+
 def load_spans(path: str | Path, work_dir: str | Path | None = None) -> tuple[pa.Table, Skipped, Path]:
     """All spans of a JSONL or Parquet file of LangSmith run records, what was skipped, and the JSONL file
     that `record_offset`/`record_length` point into (the source itself, or a JSONL copy of a Parquet one;
     the spans' schema metadata names it too, under RECORDS_KEY)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"run records file {path} does not exist")
+    path = check_records_file(path)
     if path.suffix == ".parquet":
         directory = Path(work_dir) if work_dir else path.parent
         stat = path.stat()
         path = parquet_as_jsonl(path, directory / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}.jsonl")
-    elif path.suffix not in (".jsonl", ".json", ".ndjson"):
-        raise ValueError(f"run records file {path} must end in .jsonl or .parquet")
     skipped = Skipped()
     rows = _scalars_columnar(path)
     if rows is None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
+import string
 import uuid
 from datetime import datetime
 from typing import Any
+from urllib.parse import quote
 
 import pandas as pd
 from prefect import task
@@ -90,10 +93,25 @@ def summary_text(window: dict[str, Any], top: int = 5) -> str:
     lines.append(f"  actions: {a['planned']} planned, {a['sent']} sent, {a['skipped_duplicate']} already done, "
                  f"{a['failed']} failed" + (f", {a['not_sampled']} not sampled" if a.get("not_sampled") else "")
                  + (f", {a['over_cap']} over the cap" if a.get("over_cap") else ""))
+    if a.get("ledger_damaged"):
+        lines.append(f"    LEDGER DAMAGED: {a['ledger_damaged']} entries could not be read; what they may hide "
+                     "was sent again under its first idempotency keys (see docs/reliability.md)")
     for action, failure in (a.get("failures") or {}).items():
         lines.append(f"    FAILED {action}: {failure['count']} actions, e.g. {failure['error']} "
                      "(tried again on the next run)")
     return "\n".join(lines)
+
+
+def skipped_text(skipped: dict[str, dict[str, Any]], top: int = 3) -> str | None:
+    """The source's skipped records in one line: how many, and the top reasons with where they occurred."""
+    total = sum(item["count"] for item in skipped.values())
+    if not total:
+        return None
+    reasons = sorted(skipped.items(), key=lambda item: -item[1]["count"])
+    shown = [f"{item['count']} {reason}" + (f" (e.g. {', '.join(item['examples'])})" if item["examples"] else "")
+             for reason, item in reasons[:top]]
+    more = f", and {len(reasons) - top} more reasons (see --json)" if len(reasons) > top else ""
+    return f"skipped {total} records of the source: " + "; ".join(shown) + more
 
 
 def spike_lines(spike: dict[str, Any] | None) -> list[str]:
@@ -111,16 +129,36 @@ def spike_lines(spike: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+_PUNCTUATION = re.compile(f"([{re.escape(string.punctuation)}])")
+
+
+def md(value: Any, code: bool = False) -> str:
+    """Text from traces or config as markdown that shows it as it is: no HTML, links, emphasis or mentions.
+
+    As text, every ASCII punctuation mark is backslash-escaped; as `code` (a code span, where escapes do not
+    apply), the fence is longer than any run of backticks inside."""
+    text = str(value)
+    if not code:
+        return _PUNCTUATION.sub(r"\\\1", text)
+    fence = _fence(text, 1)
+    return f"{fence} {text} {fence}" if "`" in text else f"`{text}`"
+
+
+def _fence(text: str, least: int) -> str:
+    return "`" * max(least, max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+
+
 def summary_markdown(window: dict[str, Any]) -> str:
-    lines = [f"# Triage of {window['window_start']}", "", "```", summary_text(window, top=TOP), "```", ""]
+    text = summary_text(window, top=TOP)  # in a code block, so trace text shows as text
+    lines = [f"# Triage of {md(window['window_start'])}", "", _fence(text, 3), text, _fence(text, 3), ""]
     if window["root_causes"]:
         lines += ["## Example failing traces", ""]
         for cause in window["root_causes"][:TOP]:
             urls = cause.get("example_trace_urls") or [None] * len(cause["example_trace_ids"])
-            ids = ", ".join(f"[`{t}`]({u})" if u else f"`{t}`" for t, u in zip(cause["example_trace_ids"], urls,
-                                                                                  strict=True))
-            lines.append(f"- **{cause['span_name']}** ({cause['reason']}): {ids}")
-    lines += ["", f"Snapshot: {window['snapshot_uri']}"]
+            ids = ", ".join(f"[{md(t, code=True)}]({quote(u, safe=':/?&=#%')})" if u else md(t, code=True)
+                            for t, u in zip(cause["example_trace_ids"], urls, strict=True))
+            lines.append(f"- **{md(cause['span_name'])}** ({cause['reason']}): {ids}")
+    lines += ["", f"Snapshot: {md(window['snapshot_uri'])}"]
     return "\n".join(lines)
 
 
