@@ -12,8 +12,10 @@ receivers see the same `Idempotency-Key`.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import inspect
+import logging
 import os
 import time
 import uuid
@@ -35,7 +37,7 @@ from pydantic import ValidationError
 
 from tasks.config import RUN_ACTIONS, ActionConfig, LoopConfig, When
 from tasks.evaluators import import_ref
-from tasks.lease import DispatchLease
+from tasks.lease import DispatchLease, run_logger
 from tasks.progress import report
 from tasks.records import RecordFile
 from tasks.scoring import RunRows, records_path
@@ -58,24 +60,61 @@ def action_id(loop: str, window_start: datetime, run_id: str, action: str) -> st
     return str(uuid.uuid5(ACTION_NAMESPACE, f"{loop}/{window_start.isoformat()}/{run_id}/{action}"))
 
 
+log = logging.getLogger("tracetriage.dispatch")
+LEDGER_STATES = ("planned", "sent", "failed")
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def not_disk_full(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect retry condition: a full (or read-only) disk stays full for the seconds a retry waits."""
+    try:
+        state.result()
+    except OSError as exc:
+        return exc.errno not in DISK_FULL
+    except Exception:  # noqa: BLE001 - any other failure is worth the retry
+        return True
+    return False
+
+
 def _append_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Append rows and make them durable before returning."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "ab") as handle:
-        for row in rows:
-            handle.write(orjson.dumps(row, default=str) + b"\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    """Append rows and make them durable before returning; an error names the file."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "ab") as handle:
+            handle.write(b"".join(orjson.dumps(row, default=str) + b"\n" for row in rows))
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:
+        if exc.filename is None:  # a write or fsync: say which file it was
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
 
 
-def _jsonl_rows(data: bytes) -> list[dict[str, Any]]:
-    rows = []
-    for line in data.splitlines():
+def _warn(message: str, *args: Any) -> None:
+    run_logger(log).warning(message, *args)
+
+
+def _jsonl_rows(data: bytes, origin: str, key: str = "action_id") -> tuple[list[dict[str, Any]], int]:
+    """The entries of a JSONL object (each a JSON object with a string `key`), and how many lines were not: those
+    are skipped with a warning naming `origin` and the line, never a crash."""
+    rows, bad = [], 0
+    for number, line in enumerate(data.split(b"\n"), start=1):
+        if not line.strip():
+            continue
         try:
-            rows.append(orjson.loads(line))
+            row = orjson.loads(line)
         except orjson.JSONDecodeError:
-            continue  # a torn last line from a crash mid-write; its action was never confirmed
-    return rows
+            row = None
+        if isinstance(row, dict) and isinstance(row.get(key), str):
+            rows.append(row)
+            continue
+        bad += 1
+        _warn("skipped line %d of %s: not an entry (a JSON object with %r): %.80r", number, origin, key, line)
+    return rows, bad
+
+
+def _valid_entry(row: dict[str, Any]) -> bool:
+    return row.get("state") in LEDGER_STATES
 
 
 class Ledger:
@@ -94,9 +133,15 @@ class Ledger:
         self.directory = f"{LEDGER_DIR}/{loop}/{partition_name(window_start)}"
         self.last: dict[str, dict[str, Any]] = {}
         self.segments: list[str] = []  # the segments read or written by this object (what `compact` replaces)
+        self.damaged = 0  # unreadable entries: an action among them may have been sent
         for name, data in store.objects(self.directory):
             self.segments.append(name)
-            for row in _jsonl_rows(data):
+            rows, bad = _jsonl_rows(data, f"{store.url}/{self.directory}/{name}")
+            if not data.endswith(b"\n"):
+                bad += 1  # cut short: entries after the cut are gone, though the last line may parse
+                _warn("ledger segment %s/%s/%s is cut short", store.url, self.directory, name)
+            self.damaged += bad + sum(not _valid_entry(row) for row in rows)
+            for row in filter(_valid_entry, rows):
                 if self.state(row["action_id"]) != "sent":  # sent is final, whatever order clocks gave segments
                     self.last[row["action_id"]] = row
         self.written = 0
@@ -142,8 +187,8 @@ def read_ledger(store: SnapshotStore, loop: str) -> list[dict[str, Any]]:
     """Every ledger entry of a loop, window by window, in the order written."""
     rows = []
     for window in store.listing(f"{LEDGER_DIR}/{loop}"):
-        for _, data in store.objects(f"{LEDGER_DIR}/{loop}/{window}"):
-            rows += _jsonl_rows(data)
+        for name, data in store.objects(f"{LEDGER_DIR}/{loop}/{window}"):
+            rows += filter(_valid_entry, _jsonl_rows(data, f"{store.url}/{LEDGER_DIR}/{loop}/{window}/{name}")[0])
     return rows
 
 
@@ -152,8 +197,29 @@ class ActionLog:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.ids = {row.get("action_id") for row in _jsonl_rows(self.path.read_bytes())} if self.path.exists() \
-            else set()
+        data = self.path.read_bytes() if self.path.exists() else b""
+        if data and not data.endswith(b"\n"):
+            data = self._repair(data)
+        self.ids = {row["action_id"] for row in _jsonl_rows(data, str(self.path))[0]}
+
+    def _repair(self, data: bytes) -> bytes:
+        """A last line cut short by a crash or a full disk: ended, if it is a whole entry, else cut off (its action
+        was never confirmed, so it is logged again), before anything is appended after it."""
+        keep = data.rfind(b"\n") + 1
+        try:
+            orjson.loads(data[keep:])
+        except orjson.JSONDecodeError:
+            _warn("the last line of %s was cut short (%d bytes); removed, its action is logged again", self.path,
+                  len(data) - keep)
+            with open(self.path, "r+b") as handle:
+                handle.truncate(keep)
+                os.fsync(handle.fileno())
+            return data[:keep]
+        with open(self.path, "ab") as handle:
+            handle.write(b"\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        return data + b"\n"
 
     def write_many(self, records: list[dict[str, Any]]) -> list[bool]:
         """Append the records not logged yet, in one durable write; True where a record was new."""
@@ -296,6 +362,7 @@ class DispatchCounts:
     not_sampled: int = 0
     over_cap: int = 0
     failures: dict[str, dict[str, Any]] = field(default_factory=dict)  # action -> {count, error}: nothing silent
+    ledger_damaged: int = 0  # unreadable ledger entries: the sends they may hide were repeated under their first keys
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -395,6 +462,24 @@ def _chunk_size(rule: ActionConfig | None, record: dict[str, Any], total: int) -
     return rule.batch if do == "webhook" else BATCH if do in (*RUN_ACTIONS, "prefect_event") else 1
 
 
+def _whole_sends(actions: list[dict[str, Any]], todo: set[str],
+                 rules: dict[str, ActionConfig]) -> list[dict[str, Any]]:
+    """With a damaged ledger, the actions to send again: every send (a webhook batch, a Slack message) that holds an
+    action not known to be sent goes again whole, as the first run made it from the full plan, so the receiver gets
+    the idempotency key it saw then, never a new one for a new mix of actions."""
+    chosen: list[dict[str, Any]] = []
+    by_action: dict[str, list[dict[str, Any]]] = {}
+    for p in actions:
+        by_action.setdefault(p["action"], []).append(p)
+    for name, group in by_action.items():
+        size = _chunk_size(rules.get(name), group[0], len(group))
+        for begin in range(0, len(group), size):
+            send = group[begin:begin + size]
+            if any(p["action_id"] in todo for p in send):
+                chosen += send
+    return chosen
+
+
 def dispatch_actions(
     config: LoopConfig, plan: Plan, ledger: Ledger, action_log: ActionLog,
     window_spans_path: str, sinks: Sinks | None = None,
@@ -413,6 +498,10 @@ def dispatch_actions(
     counts.skipped_duplicate = len(plan.actions) - len(todo)
     # Planned or failed in an earlier run: the effect may have happened (what has no idempotency key checks).
     tried_before = {p["action_id"] for p in todo if ledger.state(p["action_id"]) is not None}
+    if ledger.damaged:
+        counts.ledger_damaged = ledger.damaged
+        todo = _whole_sends(plan.actions, {p["action_id"] for p in todo}, rules)
+        tried_before |= {p["action_id"] for p in todo}  # any of them may have been done
     ledger.record_many([{"action_id": p["action_id"], "action": p["action"], "trace_id": p["trace_id"]}
                         for p in todo], "planned")
     loaded: list[dict[str, Any]] = []
@@ -522,7 +611,8 @@ def _json_safe(value: Any) -> Any:
 
 # The planned actions are made inside the task: Prefect walks list and dict parameters
 # looking for futures, which takes seconds for tens of thousands of action dicts.
-@task(name="dispatch", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2))
+@task(name="dispatch", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2),
+      retry_condition_fn=not_disk_full)
 def dispatch_task(
     config: LoopConfig, window_start: datetime, scores: pd.DataFrame, verdicts: pd.DataFrame,
     attribution: pd.DataFrame, patterns: pd.DataFrame, spike: dict[str, Any] | None, store: SnapshotStore,

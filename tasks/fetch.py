@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 from prefect.tasks import exponential_backoff
 
-from tasks.cache import stable_hash, stage_cache_key
+from tasks.cache import stable_hash, stage_cache_key, write_manifest
 from tasks.config import FileSource, LangSmithSource, SampleSource
 from tasks.langsmith import FetchStats, LangSmithSourceError, fetch_runs, langsmith_client
 from tasks.progress import report
@@ -147,6 +147,8 @@ def fetch_windows(source_file: str, size: timedelta, batch_size: int, out_dir: s
         window = write_window(table, start, batch_size, Path(out_dir) / f"window-{start:%Y%m%dT%H%M%SZ}.parquet")
         window.orphans = orphans.get(start.isoformat(), 0)
         windows.append(window)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    write_manifest(Path(out_dir), [Path(w.path) for w in windows] + [Path(records)])
     return SourceSpans(windows, skipped.as_dict())
 
 

@@ -13,6 +13,11 @@ the kernel, so a rerun right after a crash does not wait; elsewhere the lease ex
 `ttl` after its last renewal, and the holder renews it every third of `ttl` from a
 thread. A holder that finds its lease taken (it stalled for longer than the renewals
 allow) stops at its next ledger write.
+
+A lease left behind by this very process (its release failed, say on a full disk,
+and Prefect retries the dispatch) is not waited for: the process knows which of its
+leases are still held. A lease file that is not a lease (damaged) is skipped with a
+warning naming it, and the next epoch is taken.
 """
 
 from __future__ import annotations
@@ -37,14 +42,15 @@ LEASE_DIR = "_leases"
 TTL_SECONDS = 600.0
 
 log = logging.getLogger("tracetriage.lease")
+_HELD: set[str] = set()  # tokens of the leases this process holds now
 
 
-def _logger() -> logging.Logger | logging.LoggerAdapter:
-    """The flow run's logger when there is one, so a wait shows in the Prefect UI."""
+def run_logger(fallback: logging.Logger = log) -> logging.Logger | logging.LoggerAdapter:
+    """The flow or task run's logger when there is one, so a wait or a warning shows in the Prefect UI."""
     try:
         return get_run_logger()
     except MissingContextError:
-        return log
+        return fallback
 
 
 class LeaseLost(RuntimeError):
@@ -76,8 +82,26 @@ def process_started(pid: int) -> str | None:
 
 def holder_alive(holder: dict[str, Any], now: float, machine: dict[str, str]) -> bool:
     if machine["boot"] and all(holder.get(key) == value for key, value in machine.items()):
-        return process_started(holder["pid"]) == holder["started"]
+        if holder["pid"] == os.getpid() and holder.get("started") == process_started(os.getpid()):
+            return holder.get("token") in _HELD  # this process: held only while one of its leases holds it
+        return process_started(holder["pid"]) == holder.get("started")
     return holder["expires"] > now
+
+
+def _holder(data: bytes, where: str) -> dict[str, Any] | None:
+    """A lease file's content, or None (with a warning naming the file) when it is not a lease."""
+    try:
+        holder = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        holder, problem = None, f"not JSON ({exc})"
+    else:
+        problem = "not a lease"
+    if isinstance(holder, dict) and (holder.get("released") is True or (
+            isinstance(holder.get("pid"), int) and isinstance(holder.get("expires"), int | float)
+            and isinstance(holder.get("host"), str))):
+        return holder
+    run_logger().warning("lease file %s is %s; it is skipped and the next epoch taken", where, problem)
+    return None
 
 
 class DispatchLease:
@@ -123,11 +147,12 @@ class DispatchLease:
                 data = self.store.get_bytes(self._name(latest))
                 if data is None:  # removed by a run that claimed a later epoch
                     continue
-                holder = orjson.loads(data)
-                if not holder.get("released") and holder_alive(holder, time.time(), self.machine):
+                holder = _holder(data, f"{self.store.url}/{self._name(latest)}")
+                if holder is not None and not holder.get("released") and holder_alive(holder, time.time(),
+                                                                                       self.machine):
                     if not told:
                         until = datetime.fromtimestamp(holder["expires"], UTC).isoformat(timespec="seconds")
-                        _logger().info("dispatch of loop %r waits for the run holding it (host %s, pid %s) to end, "
+                        run_logger().info("dispatch of loop %r waits for the run holding it (host %s, pid %s) to end, "
                                        "or its lease to expire (%s unless renewed)", self.loop, holder["host"],
                                        holder["pid"], until)
                         told = True
@@ -135,6 +160,7 @@ class DispatchLease:
                     continue
             if self._claim(latest + 1):
                 self.epoch = latest + 1
+                _HELD.add(self.token)
                 break
         # Only the claimer of a later epoch removes earlier ones, so the latest epoch is always there to see.
         self.store.delete([self._name(epoch) for epoch in epochs])
@@ -166,6 +192,7 @@ class DispatchLease:
         self._stop.set()
         if self._renewer is not None:
             self._renewer.join()
+        _HELD.discard(self.token)  # whatever happens to the marker, this process no longer holds the lease
         if not self.lost:
             self._claim(self.epoch + 1, released=True)
 
@@ -173,5 +200,11 @@ class DispatchLease:
         self.acquire()
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        try:
+            self.release()
+        except OSError as error:
+            if exc_type is None:
+                raise
+            # The error that ended the dispatch (often the same full disk) is the one to report.
+            log.warning("releasing the dispatch lease of loop %r failed: %s", self.loop, error)

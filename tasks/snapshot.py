@@ -121,10 +121,14 @@ class SnapshotStore:
             return True
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-        with open(tmp, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
+        try:
+            with open(tmp, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+        except OSError as exc:  # a full disk: no half object left behind, and the error says where
+            Path(tmp).unlink(missing_ok=True)
+            raise OSError(exc.errno, exc.strerror, path) from exc
         if not exclusive:
             os.replace(tmp, path)
             return True
