@@ -101,14 +101,18 @@ class CallLimiter:
         # A slot further ahead than any queue of callers could reserve is left over from a clock change: start over.
         return now if next_free != next_free or next_free > now + 3600 + 1000 * self.interval else next_free
 
-    def reserve(self) -> float:
-        """Take the next free slot; returns the seconds to wait for it."""
+    def slot(self) -> float:
+        """Take the next free slot: the time (`time.time()`) at which the caller may call."""
 
         def take(next_free: float, now: float) -> tuple[float, float]:
             slot = max(now, next_free)
-            return slot + self.interval, slot - now
+            return slot + self.interval, slot
 
         return self._update(take)
+
+    def reserve(self) -> float:
+        """Take the next free slot; returns the seconds to wait for it."""
+        return max(self.slot() - time.time(), 0.0)
 
     def pause(self, seconds: float) -> None:
         """No slot for anybody in the next `seconds` (a provider's Retry-After)."""
