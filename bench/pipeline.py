@@ -19,13 +19,14 @@ import argparse
 import os
 import sys
 import tempfile
-import threading
 import time
 from datetime import timedelta
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.measure import PeakRSS  # noqa: E402
+
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
@@ -36,61 +37,6 @@ def answer_mentions_question(*, inputs: dict, outputs: dict | None) -> dict:
     answer = set(str((outputs or {}).get("answer", "")).lower().split())
     score = len(question & answer) / len(question) if question else 0.0
     return {"key": "mentions_question", "score": score}
-
-
-class PeakRSS:
-    """Peak resident memory of this process and all its descendants, sampled every 50 ms."""
-
-    def __init__(self) -> None:
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    @staticmethod
-    def _tree(pid: int) -> list[int]:
-        pids, queue = [], [pid]
-        while queue:
-            current = queue.pop()
-            pids.append(current)
-            for task in Path(f"/proc/{current}/task").glob("*"):
-                try:
-                    queue.extend(int(c) for c in (task / "children").read_text().split())
-                except OSError:
-                    continue
-        return pids
-
-    @staticmethod
-    def _rss(pid: int) -> int:
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return 0
-
-    @staticmethod
-    def _is_prefect_api(pid: int) -> bool:
-        """The temporary Prefect API server is a child too, but it is Prefect's, not the pipeline's."""
-        try:
-            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-        except OSError:
-            return False
-        return b"uvicorn" in command or b"prefect.server" in command
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            pids = [p for p in self._tree(os.getpid()) if not self._is_prefect_api(p)]
-            self.peak = max(self.peak, sum(self._rss(p) for p in pids))
-            time.sleep(0.05)
-
-    def __enter__(self) -> PeakRSS:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def _line(label: str, seconds: float, traces: int) -> None:

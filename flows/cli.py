@@ -70,10 +70,10 @@ def _progress_bar():
                    console=Console(stderr=True), transient=True)
     ids: dict[str, int] = {}
 
-    def listener(stage: str, done: int, total: int) -> None:
+    def listener(stage: str, done: int, total: int, detail: str) -> None:
         if stage not in ids:
             ids[stage] = bar.add_task(stage, total=total)
-        bar.update(ids[stage], completed=done, total=total)
+        bar.update(ids[stage], completed=done, total=total, description=stage + detail)
 
     @contextlib.contextmanager
     def running():

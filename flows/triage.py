@@ -28,7 +28,7 @@ from tasks.partition import evaluators_table, partition_task, scores_for_analysi
 from tasks.progress import track_batches
 from tasks.records import check_records_file
 from tasks.schemas import ATTRIBUTION, PATTERNS, ROOT_CAUSES, SCHEMA_VERSION, WINDOWS, frame_table
-from tasks.scoring import bind_all, metadata_path
+from tasks.scoring import EvaluationSettings, bind_all, metadata_path
 from tasks.slack import slack_target
 from tasks.snapshot import open_store, snapshot_task, spans_snapshot
 from tasks.summary import publish_artifacts, summary_text, window_summary
@@ -91,14 +91,15 @@ def triage_window(config: LoopConfig, window: WindowSpans, source_token: str, ou
     scores_dir = Path(window.path).parent
 
     batches = list(range(window.batches))
+    score_paths = [str(scores_dir / f"scores-{window_start:%Y%m%dT%H%M%SZ}-{eval_token or 'open'}-{b}.parquet")
+                   for b in batches]
     futures = evaluate_task.map(
-        unmapped(window.path), batches, unmapped(config.evaluators), unmapped(window_start),
-        [str(scores_dir / f"scores-{window_start:%Y%m%dT%H%M%SZ}-{eval_token or 'open'}-{b}.parquet")
-         for b in batches],
+        unmapped(window.path), batches, unmapped(config.evaluators), unmapped(window_start), score_paths,
         unmapped(eval_token), unmapped(1 if config.runner.dask_address else evaluation_workers(config.eval_workers)),
+        unmapped(EvaluationSettings(str(out_dir / "work"), config.max_worker_memory_bytes)),
     )
     spans = pq.read_table(window.path, columns=SPAN_COLUMNS + ["latency_s"]).to_pandas()  # while workers score
-    score_files = [f.result() for f in track_batches(futures, window_start)]
+    score_files = [f.result() for f in track_batches(futures, window_start, score_paths)]
     raw_scores = pa.concat_tables([pq.read_table(path) for path in score_files])
     root_metadata = pa.concat_tables([pq.read_table(metadata_path(path)) for path in score_files]).to_pandas()
     judged, verdicts = partition_task(raw_scores, pa.array(spans.loc[spans["is_root"], "trace_id"]), config.evaluators)

@@ -33,6 +33,25 @@ def parse_duration(text: str | int | float) -> timedelta:
         raise ValueError(f"duration {text!r} is too long") from None
 
 
+def positive_duration(value: str, what: str, example: str) -> str:
+    """`value` if it is a duration longer than zero; else a ValueError naming `what`."""
+    if parse_duration(value) <= timedelta(0):
+        raise ValueError(f"{what} {value!r} must be longer than zero, e.g. '{example}'")
+    return value
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str | int) -> int:
+    """'512MB', '2GB', '1.5 GB' (or a number of bytes) as bytes; KB/MB/GB are powers of 1024."""
+    match = _SIZE.match(str(text))
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError(f"size {text!r} is not understood; write it like '512MB' or '2GB'")
+    unit = (match.group(2) or "B").upper()
+    return int(float(match.group(1)) * 1024 ** ("B", "KB", "MB", "GB", "TB").index(unit))
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -100,9 +119,7 @@ class WindowConfig(_Strict):
     @field_validator("size")
     @classmethod
     def _is_positive_duration(cls, value: str) -> str:
-        if parse_duration(value) <= timedelta(0):
-            raise ValueError(f"window size {value!r} must be longer than zero, e.g. '1h'")
-        if parse_duration(value) > MAX_WINDOW:
+        if positive_duration(value, "window size", "1h") and parse_duration(value) > MAX_WINDOW:
             raise ValueError(f"window size {value!r} is longer than {MAX_WINDOW.days}d")
         return value
 
@@ -139,6 +156,45 @@ class SpanTarget(_Strict):
         return self
 
 
+class CallRateLimit(_Strict):
+    """Calls of one evaluator, evenly spaced: `requests` each `per` (no bursts, so a provider counting a sliding
+    window or a token bucket never sees more)."""
+
+    requests: int = Field(ge=1, description="Calls allowed in each `per` period, by every process of the run.")
+    per: str = Field("60s", description="The period, e.g. '60s' for a provider's requests per minute.")
+
+    @field_validator("per")
+    @classmethod
+    def _per_is_positive(cls, value: str) -> str:
+        return positive_duration(value, "rate_limit per", "60s")
+
+    @property
+    def interval(self) -> float:
+        """Seconds between two calls."""
+        return parse_duration(self.per).total_seconds() / self.requests
+
+
+# Errors a model provider's client raises for a rate limit or a transient fault, matched by class name along
+# the exception's class hierarchy (no import needed): 'package.Name' matches a class `Name` of that package.
+DEFAULT_RETRY_ON = (
+    "openai.RateLimitError", "openai.APITimeoutError", "openai.APIConnectionError", "openai.InternalServerError",
+    "anthropic.RateLimitError", "anthropic.APITimeoutError", "anthropic.APIConnectionError",
+    "anthropic.InternalServerError", "httpx.TimeoutException", "httpx.NetworkError",
+    "langsmith.utils.LangSmithRateLimitError",
+)
+
+
+class CallRetry(_Strict):
+    """Retries of one evaluation on the errors named in `on`, after exponential backoff with jitter (or the
+    error's Retry-After); after the last attempt, an error row."""
+
+    attempts: int = Field(4, ge=1, le=20, description="Tries of one evaluation, the first included.")
+    backoff: float = Field(1.0, ge=0, description="Seconds before the first retry; doubled each retry.")
+    max_backoff: float = Field(30.0, ge=0, description="Longest wait between two tries.")
+    on: list[str] = Field(default_factory=lambda: list(DEFAULT_RETRY_ON),
+                          description="Exception classes to retry, as 'package.ClassName' or 'ClassName'.")
+
+
 class EvaluatorConfig(_Strict):
     key: str = Field(description="Feedback key the scores are recorded under.")
     ref: str = Field(description="Import path 'package.module:function', or 'builtin:<name>'.")
@@ -157,9 +213,21 @@ class EvaluatorConfig(_Strict):
     pass_values: list[str] | None = Field(
         None, description="For evaluators returning a categorical value: the values that pass."
     )
-    timeout: float = Field(30.0, gt=0, description="Seconds one evaluation may take before it is an error row.")
-    max_concurrency: int = Field(
-        1, ge=1, le=256, description="Evaluations in flight at once (async evaluators, or sync ones in threads)."
+    timeout: float = Field(30.0, gt=0, description="Seconds one call of the evaluator may take before it is an "
+                                                    "error row (a hung sync call is given up on at it).")
+    max_concurrency: int | None = Field(
+        None, ge=1, le=256, description="Evaluations in flight at once per batch; default 32 for async evaluators, "
+                                        "8 for sync ones (on threads); 1 calls one at a time."
+    )
+    rate_limit: CallRateLimit | None = Field(
+        None, description="At most `requests` calls each `per`, shared by every batch and process of the run "
+                          "(a model provider's requests per minute)."
+    )
+    retry: CallRetry = Field(default_factory=lambda: CallRetry(), description="Retries of rate-limit and transient "
+                                                                           "errors, with backoff.")
+    cache: bool | None = Field(
+        None, description="Keep each run's result, so a rerun never calls the evaluator again for a run it scored; "
+                          "default: on for evaluators by import path, off for built-ins (faster than a lookup)."
     )
 
     @field_validator("key")
@@ -423,6 +491,21 @@ class LoopConfig(_Strict):
     eval_workers: int = Field(
         0, ge=0, le=256, description="Processes that evaluate batches: 0 is one per core, 1 evaluates in-process."
     )
+    max_worker_memory: str | None = Field(
+        None, description="Resident memory an evaluation worker process may reach, e.g. '2GB' or '512MB': a worker "
+                          "over it is replaced, and the runs it was scoring become error rows."
+    )
+
+    @field_validator("max_worker_memory")
+    @classmethod
+    def _memory_is_size(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_size(value)
+        return value
+
+    @property
+    def max_worker_memory_bytes(self) -> int | None:
+        return None if self.max_worker_memory is None else parse_size(self.max_worker_memory)
 
     @field_validator("name")
     @classmethod
@@ -498,7 +581,8 @@ class ConfigError(ValueError):
 def _all_field_names() -> set[str]:
     names: set[str] = set()
     for cls in (LoopConfig, FileSource, SampleSource, LangSmithSource, RateLimit, WindowConfig, SpanTarget,
-                EvaluatorConfig, When, RootCause, ActionConfig, SnapshotConfig, SpikeConfig, RunnerConfig):
+                EvaluatorConfig, CallRateLimit, CallRetry, When, RootCause, ActionConfig, SnapshotConfig, SpikeConfig,
+                RunnerConfig):
         names.update(cls.model_fields)
     return names
 

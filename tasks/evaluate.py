@@ -5,9 +5,11 @@ The scoring itself is `tasks/scoring.py`, which the worker processes import.
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
 import re
+import signal
 import sys
 import threading
 from concurrent.futures import ProcessPoolExecutor
@@ -18,12 +20,51 @@ from pathlib import Path
 from prefect import task
 from prefect.tasks import exponential_backoff
 
+from tasks.batch_state import BatchState, read_state, state_path
 from tasks.cache import stage_cache_key
 from tasks.config import EvaluatorConfig
-from tasks.scoring import evaluate_batch_file
+from tasks.evaluator_calls import STOPPING, EvaluationStopped
+from tasks.scoring import EvaluationSettings, evaluate_batch_file
 
 _POOL: ProcessPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
+_PR_SET_PDEATHSIG = 1
+
+
+class EvaluationWorkerDied(RuntimeError):
+    """Evaluation worker processes kept dying on a batch, before any evaluator could be blamed."""
+
+
+def _die_with_parent(flow_pid: int) -> None:
+    """Worker initializer: the kernel kills this worker when its parent (the forkserver) ends, and the forkserver
+    ends when the flow's process does (its pipe closes), so no worker outlives a `kill -9` of the flow."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the forkserver's pipe still ends idle workers
+        return
+    try:
+        os.kill(flow_pid, 0)
+    except ProcessLookupError:  # the flow died before prctl took effect
+        os._exit(1)
+
+
+def _stop_evaluations() -> None:
+    """At interpreter shutdown (the flow ended, by SIGTERM included): give up in-flight evaluations at once.
+
+    Runs before the thread pools join their threads, which would otherwise wait for a hung evaluator.
+    """
+    STOPPING.set()
+    if _POOL is not None:
+        _kill_workers(_POOL)
+
+
+def _kill_workers(pool: ProcessPoolExecutor) -> None:
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        if process.is_alive():
+            process.kill()
+
+
+threading._register_atexit(_stop_evaluations)  # type: ignore[attr-defined]  # what concurrent.futures uses too
 
 
 def evaluation_workers(configured: int) -> int:
@@ -67,7 +108,8 @@ def evaluation_pool(workers: int) -> ProcessPoolExecutor | None:
             # The server imports the main module and the scoring code once; workers fork from it
             # and so skip their own import of `__main__` (multiprocessing sees it is there).
             context.set_forkserver_preload(["__main__", "tasks.scoring"])
-            _POOL = ProcessPoolExecutor(max_workers=workers, mp_context=context)
+            _POOL = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_die_with_parent,
+                                        initargs=(os.getpid(),))
         return _POOL
 
 
@@ -86,17 +128,71 @@ def _in_this_process_only(configs: list[EvaluatorConfig]) -> bool:
 
 def evaluate_batch(
     spans_path: str, batch: int, configs: list[EvaluatorConfig], window_start: datetime, out_path: str,
-    workers: int = 1,
+    workers: int = 1, settings: EvaluationSettings | None = None,
 ) -> str:
-    """`evaluate_batch_file` in the process pool when there is one and the evaluators allow it."""
+    """`evaluate_batch_file` in the process pool when there is one and the evaluators allow it.
+
+    A worker that dies (killed for memory, a crash in native code, `os._exit`) breaks the pool: the batch is
+    submitted again to a fresh one. When it was this batch's worker that died, the evaluator it was running
+    is given up on for the batch: its runs not in the judge cache become error rows naming the cause.
+    """
     pool = None if _in_this_process_only(configs) else evaluation_pool(workers)
     if pool is None:
-        return evaluate_batch_file(spans_path, batch, configs, window_start, out_path)
-    try:
-        return pool.submit(evaluate_batch_file, spans_path, batch, configs, window_start, out_path).result()
-    except BrokenProcessPool:
-        _discard_pool(pool)  # a worker died (e.g. killed for memory): the task's retry gets a fresh pool
-        raise
+        return evaluate_batch_file(spans_path, batch, configs, window_start, out_path, settings)
+    abandoned: dict[str, str] = {}
+    state = state_path(out_path)
+    unexplained = 0
+    while True:
+        Path(state).unlink(missing_ok=True)  # a state left by an earlier attempt must not blame this one
+        try:
+            return pool.submit(evaluate_batch_file, spans_path, batch, configs, window_start, out_path, settings,
+                               dict(abandoned), True).result()
+        except BrokenProcessPool:
+            exit_codes = _exit_codes(pool)
+            _discard_pool(pool)
+            if STOPPING.is_set():
+                raise EvaluationStopped("the process is stopping: evaluation given up") from None
+            cause = _death_cause(read_state(state), exit_codes, configs, settings)
+            if cause is None or cause[0] in abandoned:
+                unexplained += 1
+                if unexplained > 2:
+                    raise EvaluationWorkerDied(
+                        f"evaluation workers died 3 times on batch {batch} before any evaluator ran "
+                        f"(exit codes {sorted(set(exit_codes.values()))})") from None
+            else:
+                key, message = cause
+                abandoned[key] = message
+            pool = evaluation_pool(workers) or pool
+
+
+def _exit_codes(pool: ProcessPoolExecutor) -> dict[int, int | None]:
+    """Each worker's exit code, once the pool's manager has stopped them all (a broken pool stops every worker)."""
+    processes = dict(getattr(pool, "_processes", None) or {})
+    for process in processes.values():
+        process.join(timeout=5)
+    return {pid: process.exitcode for pid, process in processes.items()}
+
+
+def _death_cause(state: BatchState, exit_codes: dict[int, int | None], configs: list[EvaluatorConfig],
+                 settings: EvaluationSettings | None) -> tuple[str, str] | None:
+    """(evaluator key, error message) when this batch's own worker died running an evaluator; else None.
+
+    The pool's manager ends the other workers with SIGTERM when one dies: a worker that ended so was a
+    bystander, and its batch is simply submitted again.
+    """
+    if not state.pid or state.evaluator < 0 or state.evaluator >= len(configs):
+        return None
+    code = exit_codes.get(state.pid)
+    if code == -signal.SIGTERM and not state.memory_over:
+        return None
+    key = configs[state.evaluator].key
+    if state.memory_over and settings and settings.max_worker_memory:
+        return key, (f"the evaluation worker used {state.memory_over / 2**20:,.0f} MB, over max_worker_memory "
+                     f"{settings.max_worker_memory / 2**20:,.0f} MB, while running evaluator {key!r}: it was "
+                     f"replaced and the runs it had not scored are errors")
+    how = f"was killed by signal {signal.Signals(-code).name}" if code is not None and code < 0 else \
+        f"exited with code {code}"
+    return key, f"the evaluation worker {how} while running evaluator {key!r}; its runs not yet scored are errors"
 
 
 def shutdown_evaluation_pool() -> None:
@@ -123,6 +219,6 @@ def _discard_pool(pool: ProcessPoolExecutor) -> None:
 )
 def evaluate_task(
     spans_path: str, batch: int, configs: list[EvaluatorConfig], window_start: datetime, out_path: str,
-    cache_token: str | None, workers: int = 1,
+    cache_token: str | None, workers: int = 1, settings: EvaluationSettings | None = None,
 ) -> str:
-    return evaluate_batch(spans_path, batch, configs, window_start, out_path, workers)
+    return evaluate_batch(spans_path, batch, configs, window_start, out_path, workers, settings)

@@ -12,16 +12,13 @@ and `attachments` are `{}`, and `inputs` is the run's own inputs (LangSmith's
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import difflib
 import hashlib
 import importlib
 import inspect
 import threading
-import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -30,6 +27,16 @@ from langsmith.schemas import Run
 
 from tasks.builtin_evaluators import BUILTINS
 from tasks.config import EvaluatorConfig
+from tasks.evaluator_calls import (
+    DEFAULT_ASYNC_CONCURRENCY,
+    DEFAULT_SYNC_CONCURRENCY,
+    CallCounters,
+    CallLimiter,
+    CallPolicy,
+    Outcomes,
+    call_async,
+    call_in_lanes,
+)
 
 SUPPORTED_ARGS = ("run", "example", "inputs", "outputs", "reference_outputs", "attachments")
 
@@ -87,6 +94,26 @@ class BoundEvaluator:
         return self.config.key
 
     @property
+    def concurrency(self) -> int:
+        """Calls in flight at once: the config's `max_concurrency`, else the default for async or sync code."""
+        if self.config.max_concurrency is not None:
+            return self.config.max_concurrency
+        return DEFAULT_ASYNC_CONCURRENCY if self.is_async else DEFAULT_SYNC_CONCURRENCY
+
+    @property
+    def cached(self) -> bool:
+        """Whether results are kept per (run, version): `cache`, else on for evaluators by import path."""
+        if self.mode == "columnar":
+            return False
+        return self.config.cache if self.config.cache is not None else not self.config.ref.startswith("builtin:")
+
+    @property
+    def version(self) -> str:
+        """What a cached result depends on besides the run: ref, key, params and the evaluator's code."""
+        text = f"{self.config.ref}\0{self.key}\0{self.mode}\0{self.source_hash}"
+        return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+    @property
     def needs_run(self) -> bool:
         return self.mode not in ("keywords", "columnar") or "run" in self.wants
 
@@ -120,12 +147,22 @@ def _arguments(wants: tuple[str, ...], run_fields: dict[str, Any], run: Run | No
 
 
 def _source_hash(obj: Any) -> str:
-    """A hash of the evaluator's code, so cached scores are dropped when it changes."""
+    """A hash of the evaluator's code and of its module's source, so cached scores are dropped when either changes.
+
+    The module counts too: a judge made at import (`judge = create_llm_as_judge(prompt=PROMPT, ...)`) is a closure
+    whose own code stays the same when its prompt or model changes.
+    """
     target = getattr(obj, "func", None) or getattr(obj, "afunc", None) or obj
+    code = inspect.unwrap(target) if callable(target) else type(target)
     try:
-        source = inspect.getsource(inspect.unwrap(target) if callable(target) else type(target))
+        source = inspect.getsource(code)
     except (OSError, TypeError):
         source = repr(target)
+    module = inspect.getmodule(code)
+    try:
+        source += inspect.getsource(module) if module is not None else ""
+    except (OSError, TypeError):
+        pass
     return hashlib.sha256(source.encode()).hexdigest()[:16]
 
 
@@ -294,63 +331,67 @@ def run_object(fields: dict[str, Any]) -> Run:
     return run
 
 
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"[:500]
-
-
-def _evaluate_inline(
-    evaluator: BoundEvaluator, items: list[tuple[dict[str, Any], Run | None]]
-) -> list[list[Result]]:
-    """Sync evaluations one after another; a timeout is judged when the evaluation returns."""
-    key, timeout, call, clock = evaluator.key, evaluator.config.timeout, evaluator.call, time.perf_counter
-    out: list[list[Result]] = []
-    for fields, run in items:
-        began = clock()
-        try:
-            results = normalise_result(call(fields, run), key)
-        except Exception as exc:
-            out.append(error_result(key, _describe(exc)))
-            continue
-        took = clock() - began
-        out.append(results if took <= timeout else
-                   error_result(key, f"timed out: took {took:.1f}s, timeout is {timeout}s"))
-    return out
+def policy(evaluator: BoundEvaluator, limiter: CallLimiter | None = None,
+           counters: CallCounters | None = None) -> CallPolicy:
+    config = evaluator.config
+    return CallPolicy(evaluator.concurrency, config.timeout, config.retry, limiter, counters or CallCounters())
 
 
 def evaluate_items(
-    evaluator: BoundEvaluator, items: list[tuple[dict[str, Any], Run | None]]
+    evaluator: BoundEvaluator,
+    items: list[tuple[dict[str, Any], Run | None]],
+    limiter: CallLimiter | None = None,
+    counters: CallCounters | None = None,
+    on_result: Callable[[int, list[Result]], None] | None = None,
+    publish: Callable[[], None] | None = None,
 ) -> list[list[Result]]:
-    """Results for each (fields, run) item, in order; errors and timeouts become error results."""
+    """Results for each (fields, run) item, in order; errors, timeouts and retries spent become error results.
+
+    `limiter` paces every attempt (the evaluator's rate limit), `counters` count the calls,
+    `on_result(i, results)` hears each item as it settles, `publish()` runs about every 0.2 s.
+    """
     if evaluator.mode == "columnar":
         raise TypeError("a columnar evaluator scores a whole table: use evaluate_columnar")
+    key = evaluator.key
+
+    def settle(returned: Any) -> list[Result]:
+        return normalise_result(returned, key)
+
+    def failed(message: str) -> list[Result]:
+        return error_result(key, message)
+
+    rules = policy(evaluator, limiter, counters)
+    rules.counters.add(total=len(items))
+    outcomes = Outcomes(settle, failed, on_result, publish)
     if evaluator.is_async:
-        return asyncio.run(_evaluate_async(evaluator, items))
-    if evaluator.config.max_concurrency == 1:
-        return _evaluate_inline(evaluator, items)
-    return _evaluate_threads(evaluator, items)
+        return call_async(items, lambda item: evaluator.acall(*item), outcomes, rules)
+    return call_in_lanes(items, lambda item: evaluator.call(*item), outcomes, rules)
 
 
 def evaluate_columnar(evaluator: BoundEvaluator, spans: Any) -> list[list[Result]]:
     """Results of a columnar evaluator (one call for all target spans, a Table of SPANS), one list per row.
 
     It may return a sequence with one result per row (any kind a per-run evaluator may
-    return), or a dict of columns: `score` (required), `comment`, `value`.
+    return), or a dict of columns: `score` (required), `comment`, `value`. It runs on a
+    watched thread like a sync evaluator, so one that hangs is an error at its timeout.
     """
     key, n = evaluator.key, spans.num_rows
-    began = time.perf_counter()
-    try:
-        returned = evaluator.target(spans=spans)
+
+    def settle(returned: Any) -> list[list[Result]]:
         if isinstance(returned, dict):
             rows = _column_results(returned, key, n)
         else:
             rows = [normalise_result(item, key) for item in returned]
         if len(rows) != n:
             raise ValueError(f"returned {len(rows)} results for {n} spans")
-    except Exception as exc:
-        return [error_result(key, _describe(exc))] * n
-    took = time.perf_counter() - began
-    if took > evaluator.config.timeout:
-        return [error_result(key, f"timed out: took {took:.1f}s, timeout is {evaluator.config.timeout}s")] * n
+        return rows
+
+    def failed(message: str) -> list[list[Result]]:
+        return [error_result(key, message)] * n
+
+    rules = CallPolicy(1, evaluator.config.timeout, evaluator.config.retry.model_copy(update={"attempts": 1}), None,
+                       CallCounters())
+    [rows] = call_in_lanes([spans], lambda table: evaluator.target(spans=table), Outcomes(settle, failed), rules)
     return rows
 
 
@@ -366,56 +407,3 @@ def _column_results(columns: dict[str, Any], key: str, n: int) -> list[list[Resu
         [Result(key, None if s is None else float(s), None if v is None else str(v), c, None)]
         for s, c, v in zip(scores, comments, values, strict=True)
     ]
-
-
-def _evaluate_threads(
-    evaluator: BoundEvaluator, items: list[tuple[dict[str, Any], Run | None]]
-) -> list[list[Result]]:
-    """Sync evaluations on up to `max_concurrency` threads at once, each bounded by the timeout.
-
-    Each evaluation gets its own daemon thread, so one that hangs past its timeout is
-    abandoned (Python cannot kill a thread) without holding up the others.
-    """
-
-    async def in_thread(fields: dict[str, Any], run: Run | None) -> Any:
-        loop = asyncio.get_running_loop()
-        settled: asyncio.Future[Any] = loop.create_future()
-
-        def settle(method: str, value: Any) -> None:
-            if not settled.done():
-                getattr(settled, method)(value)
-
-        def work() -> None:
-            try:
-                outcome = ("set_result", evaluator.call(fields, run))
-            except Exception as exc:
-                outcome = ("set_exception", exc)
-            with contextlib.suppress(RuntimeError):  # the loop is gone: this evaluation was abandoned
-                loop.call_soon_threadsafe(settle, *outcome)
-
-        threading.Thread(target=work, name=f"evaluator-{evaluator.key}", daemon=True).start()
-        return await settled
-
-    return asyncio.run(_evaluate_async(evaluator, items, in_thread))
-
-
-async def _evaluate_async(
-    evaluator: BoundEvaluator,
-    items: list[tuple[dict[str, Any], Run | None]],
-    call: Callable[[dict[str, Any], Run | None], Awaitable[Any]] | None = None,
-) -> list[list[Result]]:
-    bound = asyncio.Semaphore(evaluator.config.max_concurrency)
-    timeout = evaluator.config.timeout
-    call = call or evaluator.acall
-
-    async def one(fields: dict[str, Any], run: Run | None) -> list[Result]:
-        async with bound:
-            try:
-                result = await asyncio.wait_for(call(fields, run), timeout)
-                return normalise_result(result, evaluator.key)
-            except TimeoutError:
-                return error_result(evaluator.key, f"timed out after {timeout}s")
-            except Exception as exc:
-                return error_result(evaluator.key, _describe(exc))
-
-    return await asyncio.gather(*(one(fields, run) for fields, run in items))

@@ -101,6 +101,10 @@ class RecordFile:
     def record(self, offset: int, length: int) -> dict[str, Any]:
         return orjson.loads(self._map[offset:offset + length])
 
+    def raw(self, offset: int, length: int) -> bytes:
+        """The record's bytes as written (what the judge cache digests)."""
+        return self._map[offset:offset + length]
+
     def close(self) -> None:
         if isinstance(self._map, mmap.mmap):
             self._map.close()

@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
+import math
 import os
+import signal
+import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -19,15 +24,19 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tasks.batch_state import StateWriter, state_path
 from tasks.config import EvaluatorConfig
+from tasks.evaluator_calls import CallCounters, CallLimiter
 from tasks.evaluators import (
     BoundEvaluator,
     Result,
     bind_evaluator,
+    error_result,
     evaluate_columnar,
     evaluate_items,
     run_object,
 )
+from tasks.judge_cache import CACHE_FILE, JudgeCache
 from tasks.records import RECORDS_KEY, RecordFile, run_metadata
 from tasks.schemas import ROOT_METADATA, SCHEMA_VERSION, SCORES
 
@@ -77,6 +86,78 @@ class RunRows:
             self.prepare_runs([i])
         return self._runs[i]
 
+    def cache_keys(self, indices: list[int]) -> list[str]:
+        """'<run id>:<digest of its record>' for each row: a changed record is a new key."""
+        ids = self.spans.column("id").take(pa.array(indices, pa.int64())).to_pylist()
+        raw, offsets, lengths = self.records.raw, self.offsets, self.lengths
+        return [f"{run_id}:{hashlib.blake2b(raw(int(offsets[i]), int(lengths[i])), digest_size=12).hexdigest()}"
+                for run_id, i in zip(ids, indices, strict=True)]
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """What evaluation shares across a run's batches: the work directory (judge cache, rate-limit state) and the
+    memory cap of a worker process."""
+
+    work_dir: str | None = None
+    max_worker_memory: int | None = None
+
+
+class BatchRun:
+    """One batch's evaluation context: the judge cache, each evaluator's rate limiter, the call counters,
+    the batch's state file, and the evaluators given up on (a worker died running them)."""
+
+    def __init__(self, settings: EvaluationSettings | None = None, state_path: str | None = None,
+                 abandoned: dict[str, str] | None = None, memory_cap: int | None = None):
+        work_dir = Path(settings.work_dir) if settings and settings.work_dir else None
+        self.work_dir = work_dir
+        self.cache = JudgeCache(work_dir / CACHE_FILE) if work_dir else None
+        self.counters = CallCounters()
+        self.state = StateWriter(state_path) if state_path else None
+        self.abandoned = abandoned or {}
+        self._limiters: dict[str, CallLimiter] = {}
+        self._watching = threading.Event()
+        if memory_cap and self.state is not None:
+            threading.Thread(target=self._watch_memory, args=(memory_cap,), name="memory-cap", daemon=True).start()
+
+    def limiter(self, config: EvaluatorConfig) -> CallLimiter | None:
+        if config.rate_limit is None:
+            return None
+        if config.key not in self._limiters:
+            path = self.work_dir / "rate-limits" / f"{config.key}.slot" if self.work_dir else None
+            self._limiters[config.key] = CallLimiter(config.rate_limit, path)
+        return self._limiters[config.key]
+
+    def publish(self) -> None:
+        if self.state is not None:
+            c = self.counters
+            self.state.update(total=c.total, done=c.done, in_flight=c.in_flight, retried=c.retried)
+
+    def starting(self, position: int) -> None:
+        if self.state is not None:
+            self.state.update(evaluator=position)
+
+    def _watch_memory(self, cap: int) -> None:
+        # The worker replaces itself: the flow reads `memory_over` from the state file and names the evaluator.
+        page = os.sysconf("SC_PAGE_SIZE")
+        while not self._watching.wait(0.1):
+            with open("/proc/self/statm", "rb") as statm:
+                resident = int(statm.read().split()[1]) * page
+            if resident > cap:
+                self.publish()
+                self.state.update(memory_over=resident)  # type: ignore[union-attr]  # started only with a state
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    def close(self) -> None:
+        self._watching.set()
+        self.publish()
+        if self.cache is not None:
+            self.cache.close()
+        for limiter in self._limiters.values():
+            limiter.close()
+        if self.state is not None:
+            self.state.close()
+
 
 def target_mask(spans: pa.Table, config: EvaluatorConfig) -> np.ndarray:
     """Which rows an evaluator scores: roots for root evaluators, matching non-root spans otherwise."""
@@ -92,21 +173,22 @@ def target_mask(spans: pa.Table, config: EvaluatorConfig) -> np.ndarray:
     return mask
 
 
-def span_scores(spans: pa.Table, evaluators: list[BoundEvaluator], window_start: datetime) -> pa.Table:
+def span_scores(spans: pa.Table, evaluators: list[BoundEvaluator], window_start: datetime,
+                batch: BatchRun | None = None) -> pa.Table:
     """One SCORES row per (scored span, evaluator result); statuses are left to partition.
 
     The records are read from the JSONL file named in the spans' schema metadata.
     """
-    return batch_scores(spans, evaluators, window_start)[0]
+    return batch_scores(spans, evaluators, window_start, batch)[0]
 
 
 def batch_scores(
-    spans: pa.Table, evaluators: list[BoundEvaluator], window_start: datetime
+    spans: pa.Table, evaluators: list[BoundEvaluator], window_start: datetime, batch: BatchRun | None = None
 ) -> tuple[pa.Table, pa.Table]:
     """SCORES of a batch, and its root runs' metadata (ROOT_METADATA), from one pass over the records."""
     with _collector_paused(), RecordFile(records_path(spans.schema)) as records:
         rows = RunRows(spans, records)
-        scores = _span_scores(spans, rows, evaluators, window_start)
+        scores = _span_scores(spans, rows, evaluators, window_start, batch or BatchRun())
         return scores, _root_metadata(spans, rows)
 
 
@@ -132,24 +214,53 @@ def records_path(schema: pa.Schema) -> str:
     return metadata[RECORDS_KEY].decode()
 
 
+def _evaluator_results(
+    spans: pa.Table, rows: RunRows, evaluator: BoundEvaluator, indices: list[int], batch: BatchRun
+) -> list[list[Result]]:
+    """The evaluator's results for rows `indices`: from the judge cache where it has them, else by calling it."""
+    if evaluator.mode == "columnar":
+        if evaluator.key in batch.abandoned:
+            return [error_result(evaluator.key, batch.abandoned[evaluator.key])] * len(indices)
+        return evaluate_columnar(evaluator, spans.take(pa.array(indices, pa.int64())))
+    cache = batch.cache if evaluator.cached else None
+    keys = rows.cache_keys(indices) if cache is not None else []
+    found = cache.get_many(evaluator.version, keys) if cache is not None else {}
+    results: list[list[Result] | None] = [found.get(k) for k in keys] if found else [None] * len(indices)
+    missing = [position for position, result in enumerate(results) if result is None]
+    if evaluator.key in batch.abandoned:  # a worker died running it: what is not cached is an error row
+        for position in missing:
+            results[position] = error_result(evaluator.key, batch.abandoned[evaluator.key])
+        return results  # type: ignore[return-value]  # every slot filled
+    wanted = [indices[position] for position in missing]
+    if evaluator.needs_run:
+        rows.prepare_runs(wanted)
+    fields = rows.fields
+    items = ([(fields(i), rows.run(i)) for i in wanted] if evaluator.needs_run
+             else [(fields(i), None) for i in wanted])
+    version = evaluator.version
+
+    def keep(position: int, result: list[Result]) -> None:
+        cache.put(version, keys[missing[position]], result)  # type: ignore[union-attr]  # only with a cache
+
+    called = evaluate_items(evaluator, items, batch.limiter(evaluator.config), batch.counters,
+                            keep if cache is not None else None, batch.publish)
+    if not found:
+        return called
+    for position, result in zip(missing, called, strict=True):
+        results[position] = result
+    return results  # type: ignore[return-value]  # every slot filled
+
+
 def _span_scores(
-    spans: pa.Table, rows: RunRows, evaluators: list[BoundEvaluator], window_start: datetime
+    spans: pa.Table, rows: RunRows, evaluators: list[BoundEvaluator], window_start: datetime, batch: BatchRun
 ) -> pa.Table:
     row_index: list[int] = []
     evaluator_keys: list[str] = []
     flat: list[Result] = []
-    for evaluator in evaluators:
+    for position, evaluator in enumerate(evaluators):
+        batch.starting(position)
         indices = np.flatnonzero(target_mask(spans, evaluator.config)).tolist()
-        results: list[list[Result]]
-        if evaluator.mode == "columnar":
-            results = evaluate_columnar(evaluator, spans.take(pa.array(indices, pa.int64())))
-        else:
-            if evaluator.needs_run:
-                rows.prepare_runs(indices)
-            fields = rows.fields
-            items = ([(fields(i), rows.run(i)) for i in indices] if evaluator.needs_run
-                     else [(fields(i), None) for i in indices])
-            results = evaluate_items(evaluator, items)
+        results = _evaluator_results(spans, rows, evaluator, indices, batch)
         if all(len(row_results) == 1 for row_results in results):  # the usual case: one result per span
             row_index.extend(indices)
             flat.extend([row_results[0] for row_results in results])
@@ -162,6 +273,7 @@ def _span_scores(
     out = dict(zip(names, map(list, zip(*flat, strict=True)), strict=True)) if flat else {n: [] for n in names}
     out["evaluator"] = evaluator_keys
     out["row"] = row_index
+    _refuse_unusable_scores(out, {e.key: e.config.score_range for e in evaluators})
     taken = spans.take(pa.array(out.pop("row"), pa.int64()))
     thresholds = {e.key: e.config.threshold for e in evaluators}
     n = taken.num_rows
@@ -180,6 +292,25 @@ def _span_scores(
         "schema_version": pa.array(np.full(n, SCHEMA_VERSION, np.int32)),
     }
     return pa.table([columns[f.name] for f in SCORES], schema=SCORES)
+
+
+def _refuse_unusable_scores(out: dict[str, list[Any]], ranges: dict[str, tuple[float, float]]) -> None:
+    """A score that is NaN, infinite or outside its evaluator's score_range becomes an error naming the value."""
+    score = np.array([np.nan if s is None else s for s in out["score"]], dtype=np.float64)
+    present = np.array([s is not None for s in out["score"]], dtype=bool)
+    keys = np.array(out["evaluator"], dtype=object)
+    low = np.array([ranges[k][0] for k in keys], dtype=np.float64) if len(keys) else np.empty(0)
+    high = np.array([ranges[k][1] for k in keys], dtype=np.float64) if len(keys) else np.empty(0)
+    with np.errstate(invalid="ignore"):
+        bad = present & ~((score >= low) & (score <= high))
+    for i in np.flatnonzero(bad).tolist():
+        value = out["score"][i]
+        if not math.isfinite(value):
+            out["error"][i] = f"score {value!r} is not a finite number; return a number within score_range"
+        else:
+            out["error"][i] = (f"score {value!r} is outside score_range [{low[i]}, {high[i]}]; "
+                               f"set the evaluator's score_range to the scores it gives")
+        out["score"][i] = None
 
 
 @contextlib.contextmanager
@@ -204,11 +335,22 @@ def bind_all(configs: list[EvaluatorConfig]) -> list[BoundEvaluator]:
 
 
 def evaluate_batch_file(
-    spans_path: str, batch: int, configs: list[EvaluatorConfig], window_start: datetime, out_path: str
+    spans_path: str, batch: int, configs: list[EvaluatorConfig], window_start: datetime, out_path: str,
+    settings: EvaluationSettings | None = None, abandoned: dict[str, str] | None = None,
+    in_worker: bool = False,
 ) -> str:
-    """Score row group `batch` of a window's spans file; the scores go to `out_path` (Parquet)."""
-    scores, metadata = batch_scores(pq.ParquetFile(spans_path).read_row_group(batch), bind_all(configs),
-                                    window_start)
+    """Score row group `batch` of a window's spans file; the scores go to `out_path` (Parquet).
+
+    `abandoned` maps evaluators that a dead worker was running to the message of their error rows. In a
+    worker process (`in_worker`), `settings.max_worker_memory` is watched: over it, the worker ends itself.
+    """
+    memory_cap = settings.max_worker_memory if settings and in_worker else None
+    run = BatchRun(settings, state_path(out_path), abandoned, memory_cap)
+    try:
+        scores, metadata = batch_scores(pq.ParquetFile(spans_path).read_row_group(batch), bind_all(configs),
+                                        window_start, run)
+    finally:
+        run.close()
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     for table, path in ((metadata, metadata_path(out_path)), (scores, out_path)):  # scores last: it marks done
         tmp = f"{path}.{os.getpid()}.tmp"
