@@ -181,8 +181,8 @@ class EvaluatorConfig(_Strict):
     def _ref_has_form(cls, value: str) -> str:
         if ":" not in value:
             raise ValueError(
-                f"evaluator ref {value!r} must be 'package.module:function', 'builtin:<name>' or "
-                f"'langsmith:feedback/<key>'"
+                f"evaluator ref {value!r} must be 'package.module:function' or 'builtin:<name>' (or "
+                f"'langsmith:feedback/<key>' for scores already in LangSmith)"
             )
         if value.startswith("langsmith:") and not re.fullmatch(r"langsmith:feedback/[A-Za-z0-9_.\-]+", value):
             raise ValueError(f"evaluator ref {value!r}: LangSmith scores are 'langsmith:feedback/<key>', e.g. "
