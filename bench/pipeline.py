@@ -47,6 +47,11 @@ def answer_has_sources(run) -> dict:
     return {"key": "has_sources", "score": float(bool(documents) and bool((run.outputs or {}).get("answer")))}
 
 
+def answer_given(run) -> dict:
+    """A root evaluator that takes `run` but reads only its outputs (its `child_runs` are never grown)."""
+    return {"key": "answer_given", "score": float(bool((run.outputs or {}).get("answer")))}
+
+
 class PeakRSS:
     """Peak resident memory of this process and all its descendants, sampled every 50 ms."""
 
@@ -204,9 +209,10 @@ def user_evaluator(source: Path, work: Path, traces: int) -> None:
 
 
 def run_evaluator(source: Path, work: Path, traces: int, runs: int) -> None:
-    """A `run`-taking root evaluator, with the trace's tree in `run.child_runs` and without it (as before trees
-    were built): one batch alone, and the whole window through the flow beside the default evaluators. Both
-    evaluate in this process (eval_workers: 1), where the tree can be switched off."""
+    """Root evaluators that take `run`, with the trace's tree in `run.child_runs` and without it (as before trees
+    were built): one that reads `child_runs`, one that reads only the run's outputs. Each on one batch alone, and
+    the whole window through the flow beside the default evaluators. All evaluate in this process
+    (eval_workers: 1), where the tree can be switched off."""
     import statistics
 
     import pyarrow.parquet as pq
@@ -216,29 +222,30 @@ def run_evaluator(source: Path, work: Path, traces: int, runs: int) -> None:
     from tasks.config import EvaluatorConfig, FileSource, LoopConfig, default_evaluators
     from tasks.scoring import bind_all, span_scores
 
-    evaluator = EvaluatorConfig(key="has_sources", ref="bench.pipeline:answer_has_sources", threshold=0.5)
     batch = pq.ParquetFile(next(work.glob("window-*.parquet"))).read_row_group(0)
     roots = batch.filter(batch.column("is_root")).num_rows
-    config = LoopConfig(source=FileSource(path=str(source)), window={"size": "1h"}, eval_workers=1,
-                        evaluators=[*default_evaluators(), evaluator])
     linked = tasks.scoring.link_child_runs
-    print("\na root evaluator taking `run` (one process):")
-    figures = {}
-    for label, link in (("without child_runs (before)", lambda rows, built: None), ("with child_runs", linked)):
-        tasks.scoring.link_child_runs = link
-        start = time.perf_counter()
-        span_scores(batch, bind_all([evaluator]), None)
-        _line(f"{label}: one batch, {roots:,} roots", time.perf_counter() - start, roots)
-        timings = []
-        for run in range(runs):
+    for function in (answer_has_sources, answer_given):
+        name = function.__name__
+        evaluator = EvaluatorConfig(key=name, ref=f"bench.pipeline:{name}", threshold=0.5)
+        config = LoopConfig(source=FileSource(path=str(source)), window={"size": "1h"}, eval_workers=1,
+                            evaluators=[*default_evaluators(), evaluator])
+        print(f"\n{name}(run): {function.__doc__.split(chr(10))[0]} (one process)")
+        figures = []
+        for label, link in (("without child_runs (before)", lambda rows, built: None), ("with child_runs", linked)):
+            tasks.scoring.link_child_runs = link
             start = time.perf_counter()
-            triage(config=config, out=str(work / f"run-evaluator-{len(figures)}-{run}"))
-            timings.append(time.perf_counter() - start)
-        figures[label] = statistics.median(timings)
-        _line(f"{label}: whole window, median", figures[label], traces)
-    tasks.scoring.link_child_runs = linked
-    before, after = figures.values()
-    print(f"  the tree costs {100 * (after / before - 1):+.1f}% on the whole window")
+            span_scores(batch, bind_all([evaluator]), None)
+            _line(f"{label}: one batch, {roots:,} roots", time.perf_counter() - start, roots)
+            timings = []
+            for run in range(runs):
+                start = time.perf_counter()
+                triage(config=config, out=str(work / f"{name}-{len(figures)}-{run}"))
+                timings.append(time.perf_counter() - start)
+            figures.append(statistics.median(timings))
+            _line(f"{label}: whole window, median", figures[-1], traces)
+        tasks.scoring.link_child_runs = linked
+        print(f"  child_runs cost {100 * (figures[1] / figures[0] - 1):+.1f}% on the whole window")
 
 
 def main() -> None:

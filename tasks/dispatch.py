@@ -39,6 +39,7 @@ from tasks.evaluators import import_ref
 from tasks.lease import DispatchLease
 from tasks.progress import report
 from tasks.records import RecordFile
+from tasks.run_tree import grown
 from tasks.scoring import RunRows, records_path
 from tasks.slack import SlackTarget, message, slack_target
 from tasks.snapshot import PREFIX, SnapshotStore, partition_name, partition_start
@@ -340,7 +341,7 @@ def root_runs(window_spans_path: str, trace_ids: set[str], with_children: bool =
     with RecordFile(records_path(table.schema)) as records:
         rows = RunRows(table, records)
         rows.prepare_runs(roots)  # in one go: the trees of all roots from one pass over the table
-        return {str(rows.run(i).trace_id): rows.run(i) for i in roots}
+        return grown({str(rows.run(i).trace_id): rows.run(i) for i in roots})
 
 
 # The actions a call may return in the form of langsmith-sdk #2907 (`{"action": name, ...}`), besides `{"do": ...}`.

@@ -141,8 +141,10 @@ def test_child_runs_are_the_traces_tree_three_levels_deep_in_dotted_order(server
     assert window["failing_traces"] == len(irrelevant) > 0
 
 
-def test_inputs_outputs_evaluators_get_no_run_objects(server, sample, tmp_path):
-    """Only callables that take `run` pay for the tree: an (inputs, outputs) evaluator gets no Run at all."""
+@pytest.mark.parametrize("evaluator", ["inputs, outputs", "run, unread tree"])
+def test_evaluators_that_do_not_read_child_runs_do_not_pay_for_them(server, sample, tmp_path, evaluator):
+    """An (inputs, outputs) evaluator gets no Run at all; one taking `run` that never reads `child_runs` gets
+    only the root runs (trees are grown when first read)."""
     from tasks.scoring import RunRows
 
     built: list[int] = []
@@ -152,12 +154,17 @@ def test_inputs_outputs_evaluators_get_no_run_objects(server, sample, tmp_path):
         built.extend(indices)
         return original(self, indices)
 
+    def outputs_only(run) -> float:
+        return float(bool(run.outputs))
+
     server.add_project("plain", sample.records)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(RunRows, "prepare_runs", counting)
-        feedback_loop(project_name="plain", evaluator=lambda inputs, outputs: float(bool(outputs)), threshold=0.5,
+        feedback_loop(project_name="plain", evaluator=outputs_only if evaluator.startswith("run") else
+                      (lambda inputs, outputs: float(bool(outputs))), threshold=0.5,
                       start=START, end=END, out=str(tmp_path))
-    assert built == []
+    roots = sorted(i for i, r in enumerate(sample.records) if r.get("parent_run_id") is None)
+    assert len(built) == (len(roots) if evaluator.startswith("run") else 0)
 
 
 def test_feedback_already_in_langsmith_is_the_score_and_a_run_without_it_is_an_error(server, sample, tmp_path):
