@@ -40,15 +40,14 @@ def answer_mentions_question(*, inputs: dict, outputs: dict | None) -> dict:
 
 
 def answer_has_sources(run) -> dict:
-    """A root evaluator that takes `run` (LangSmith's documented style): it reads the retriever among its
-    child runs."""
+    """A root evaluator that takes `run` and reads the retriever among its child_runs (LangSmith's style)."""
     retrieval = next((c for c in run.child_runs or () if c.name == "search_docs"), None)
     documents = (retrieval.outputs or {}).get("documents", []) if retrieval is not None else []
     return {"key": "has_sources", "score": float(bool(documents) and bool((run.outputs or {}).get("answer")))}
 
 
 def answer_given(run) -> dict:
-    """A root evaluator that takes `run` but reads only its outputs (its `child_runs` are never grown)."""
+    """A root evaluator that takes `run` and reads only its outputs (child_runs never grown)."""
     return {"key": "answer_given", "score": float(bool((run.outputs or {}).get("answer")))}
 
 
@@ -230,7 +229,7 @@ def run_evaluator(source: Path, work: Path, traces: int, runs: int) -> None:
         evaluator = EvaluatorConfig(key=name, ref=f"bench.pipeline:{name}", threshold=0.5)
         config = LoopConfig(source=FileSource(path=str(source)), window={"size": "1h"}, eval_workers=1,
                             evaluators=[*default_evaluators(), evaluator])
-        print(f"\n{name}(run): {function.__doc__.split(chr(10))[0]} (one process)")
+        print(f"\n{name}: {function.__doc__} One process:")
         figures = []
         for label, link in (("without child_runs (before)", lambda rows, built: None), ("with child_runs", linked)):
             tasks.scoring.link_child_runs = link
