@@ -313,3 +313,51 @@ def test_a_served_loop_carries_its_callables_into_a_fresh_process(tmp_path):
     with pytest.raises(FileNotFoundError):  # the flow ran as far as the (missing) source, its evaluator known
         copy.fn()
     assert all(ref in _REGISTRY for ref in refs)
+
+
+def test_a_webhook_asked_for_by_on_failure_is_signed_and_sent_once(server, sample, tmp_path, monkeypatch):
+    from tests.test_webhooks import SECRET, Receiver
+
+    server.add_project("hooks", sample.records)
+    failing = {t["trace_id"] for t in sample.truth if t["failure_mode"] in FAILS}
+    monkeypatch.setenv("REVIEW_WEBHOOK_SECRET", SECRET)
+    with Receiver() as receiver:
+        def run_loop() -> dict:
+            return feedback_loop(project_name="hooks", evaluator=my_faithfulness_evaluator, threshold=0.7,
+                                 on_failure=lambda run, score: {"action": "trigger_webhook", "url": receiver.url,
+                                                                "secret_env": "REVIEW_WEBHOOK_SECRET"},
+                                 start=START, end=END, out=str(tmp_path))["windows"][0]
+
+        assert run_loop()["actions"]["failed"] == 0
+        assert {run["trace_id"] for r in receiver.requests for run in r["body"]["runs"]} == failing
+        assert all(r["signed"] for r in receiver.requests)
+        sent = len(receiver.requests)
+        assert run_loop()["actions"]["sent"] == 0 and len(receiver.requests) == sent
+    assert SECRET not in "".join(p.read_text(errors="ignore") for p in tmp_path.rglob("*.jsonl"))
+
+
+def test_a_config_loop_acts_on_the_scores_an_experiment_left_in_langsmith_over_the_v1_api(server, sample, tmp_path):
+    """Step 1 of #2907: `evaluate()` scored an experiment; the loop, from config, acts on those scores."""
+    from flows.triage import triage
+    from tasks.config import load_config
+
+    roots = sorted(r["id"] for r in sample.records if r.get("parent_run_id") is None)
+    server.add_project("rag-baseline-3f2c", sample.records, reference_dataset_id=str(uuid.uuid4()))
+    sdk = client(server)
+    session = next(p.id for p in server.projects.values() if p.name == "rag-baseline-3f2c")
+    for i, run_id in enumerate(roots):
+        sdk.create_feedback(run_id, key="correctness", score=float(i % 3 != 0), feedback_source_type="model",
+                            session_id=session)
+    config = load_config(data={
+        "name": "experiment-review",
+        "source": {"kind": "langsmith", "experiment": "rag-baseline-3f2c", "api": "v1"},
+        "evaluators": [{"key": "correctness", "ref": "langsmith:feedback/correctness", "threshold": 0.5}],
+        "actions": [{"when": {"evaluator": "correctness", "below": 0.5}, "do": "annotation_queue",
+                     "queue": "regressions"}],
+    })
+    (window,) = triage(config=config, out=str(tmp_path))["windows"]
+    wrong = {run_id for i, run_id in enumerate(roots) if i % 3 == 0}
+    assert window["failing_traces"] == len(wrong)
+    (queue,) = server.queues.values()
+    assert set(server.queue_runs[queue["id"]]) == wrong
+    assert server.counts()["feedback_list"] == 0 and server.violations == []
