@@ -22,6 +22,7 @@ UI as a deployment with that cron schedule.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -162,8 +163,6 @@ def _evaluator_config(spec: EvaluatorConfig | Mapping[str, Any], ref_of: Callabl
 
 def _loop_name(text: str | None) -> str:
     """A loop name (part of every action id) from a project name, which may hold any character."""
-    import re
-
     return re.sub(r"[^A-Za-z0-9_.\-]+", "-", text or "feedback-loop").strip("-") or "feedback-loop"
 
 
