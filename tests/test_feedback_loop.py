@@ -361,3 +361,18 @@ def test_a_config_loop_acts_on_the_scores_an_experiment_left_in_langsmith_over_t
     (queue,) = server.queues.values()
     assert set(server.queue_runs[queue["id"]]) == wrong
     assert server.counts()["feedback_list"] == 0 and server.violations == []
+
+
+def test_credentials_may_come_from_a_langsmith_credentials_block(server, sample, tmp_path, monkeypatch):
+    from blocks.langsmith import LangSmithCredentials
+
+    LangSmithCredentials(api_key=KEY, api_url=server.url).save("loop-test-langsmith", overwrite=True)
+    monkeypatch.delenv("LANGSMITH_API_KEY")
+    monkeypatch.delenv("LANGSMITH_ENDPOINT")
+    server.add_project("from-block", sample.records)
+    (window,) = feedback_loop(project_name="from-block", credentials="loop-test-langsmith",
+                              evaluator=my_faithfulness_evaluator, threshold=0.7,
+                              on_failure=lambda run, score: {"action": "create_feedback", "key": "unfaithful",
+                                                             "score": score},
+                              start=START, end=END, out=str(tmp_path))["windows"]
+    assert window["failing_traces"] == len([f for f in server.feedback if f["key"] == "unfaithful"]) > 0
