@@ -15,6 +15,11 @@ feedback 2,000 / 10 s, others 1,000 / 10 s; `--time-factor` < 1 shortens the win
 
 Prints, for both: requests made by route, wall time, and the run-query requests against
 the floor `ceil(spans / page_size)` (page size 1,000 for v2).
+
+With `--feedback-scores`, every root run first gets a `correctness` feedback (as an online
+evaluator would have written it) and the loop's only evaluator is
+`langsmith:feedback/correctness`: the requests it makes are counted against the same floor
+(the scores come with the run query: no feedback listing).
 """
 
 from __future__ import annotations
@@ -54,6 +59,30 @@ def tracetriage(server, out: Path) -> tuple[float, list[str]]:
     return elapsed, failing
 
 
+def feedback_scores(server, records: list[dict], out: Path, floor: int) -> None:
+    """The loop on scores already in LangSmith: requests against the floor, and the verdicts they gave."""
+    from flows.triage import triage
+    from tasks.config import EvaluatorConfig, LangSmithSource, LoopConfig
+    from tasks.sample import SAMPLE_START
+
+    roots = [r["id"] for r in records if r.get("parent_run_id") is None]
+    server.feedback.extend({"id": f"fb-{i}", "run_id": run_id, "key": "correctness", "score": (i % 5) / 4}
+                           for i, run_id in enumerate(roots))
+    config = LoopConfig(name="bench-feedback", source=LangSmithSource(project=PROJECT),
+                        evaluators=[EvaluatorConfig(key="correctness", ref="langsmith:feedback/correctness")])
+    server.reset_log()
+    t = time.perf_counter()
+    (window,) = triage(config=config, start=SAMPLE_START, end=SAMPLE_START + timedelta(hours=1),
+                       out=str(out))["windows"]
+    elapsed = time.perf_counter() - t
+    counts = server.counts()
+    queries = counts["runs_query_v2"] + counts["runs_query_v1"]
+    expected = sum((i % 5) / 4 < 0.5 for i in range(len(roots)))
+    print(f"feedback as score: {elapsed:.1f} s wall, {counts.total()} requests ({queries} run queries, "
+          f"{counts['feedback_list']} feedback listings), run queries / floor = {queries / floor:.2f}; "
+          f"{window['failing_traces']} failing of {len(roots)} (the feedback says {expected})")
+
+
 def baseline(failing: list[str]) -> float:
     """The #2907 script: roots, children per trace, feedback per failing run; one request at a time."""
     from langsmith import Client
@@ -83,6 +112,8 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.05)
     parser.add_argument("--time-factor", type=float, default=1.0)
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--feedback-scores", action="store_true",
+                        help="only the loop on scores already in LangSmith (langsmith:feedback/<key>)")
     args = parser.parse_args()
 
     import tempfile
@@ -104,6 +135,9 @@ def main() -> None:
                                 time_factor=args.time_factor) as server:
         os.environ["LANGSMITH_ENDPOINT"], os.environ["LANGSMITH_API_KEY"] = server.url, KEY
         server.add_project(PROJECT, records)
+        if args.feedback_scores:
+            feedback_scores(server, records, Path(tempfile.mkdtemp(prefix="tracetriage-bench-fb-")), floor)
+            return
         ours, failing = tracetriage(server, Path(tempfile.mkdtemp(prefix="tracetriage-bench-ls-")))
         counts = server.counts()
         our_requests = counts.total()

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/pipeline.py                # 100,000 traces
     .venv/bin/python bench/pipeline.py --traces 20000
+    .venv/bin/python bench/pipeline.py --traces 20000 --only-run-evaluator   # the cost of `run.child_runs`
 
 Prints traces/s for each stage (run as plain functions, evaluation in the process pool
 as the flow runs it), the whole window end to end through the Prefect flow (with the
@@ -37,6 +38,18 @@ def answer_mentions_question(*, inputs: dict, outputs: dict | None) -> dict:
     answer = set(str((outputs or {}).get("answer", "")).lower().split())
     score = len(question & answer) / len(question) if question else 0.0
     return {"key": "mentions_question", "score": score}
+
+
+def answer_has_sources(run) -> dict:
+    """A root evaluator that takes `run` and reads the retriever among its child_runs (LangSmith's style)."""
+    retrieval = next((c for c in run.child_runs or () if c.name == "search_docs"), None)
+    documents = (retrieval.outputs or {}).get("documents", []) if retrieval is not None else []
+    return {"key": "has_sources", "score": float(bool(documents) and bool((run.outputs or {}).get("answer")))}
+
+
+def answer_given(run) -> dict:
+    """A root evaluator that takes `run` and reads only its outputs (child_runs never grown)."""
+    return {"key": "answer_given", "score": float(bool((run.outputs or {}).get("answer")))}
 
 
 def _line(label: str, seconds: float, traces: int) -> None:
@@ -140,11 +153,53 @@ def user_evaluator(source: Path, work: Path, traces: int) -> None:
     _line(f"{roots:,} root runs", seconds, roots)
 
 
+def run_evaluator(source: Path, work: Path, traces: int, runs: int) -> None:
+    """Root evaluators that take `run`, with the trace's tree in `run.child_runs` and without it (as before trees
+    were built): one that reads `child_runs`, one that reads only the run's outputs. Each on one batch alone, and
+    the whole window through the flow beside the default evaluators. All evaluate in this process
+    (eval_workers: 1), where the tree can be switched off."""
+    import statistics
+
+    import pyarrow.parquet as pq
+
+    import tasks.scoring
+    from flows.triage import triage
+    from tasks.config import EvaluatorConfig, FileSource, LoopConfig, default_evaluators
+    from tasks.scoring import bind_all, span_scores
+
+    batch = pq.ParquetFile(next(work.glob("window-*.parquet"))).read_row_group(0)
+    roots = batch.filter(batch.column("is_root")).num_rows
+    linked = tasks.scoring.link_child_runs
+    for function in (answer_has_sources, answer_given):
+        name = function.__name__
+        evaluator = EvaluatorConfig(key=name, ref=f"bench.pipeline:{name}", threshold=0.5)
+        config = LoopConfig(source=FileSource(path=str(source)), window={"size": "1h"}, eval_workers=1,
+                            evaluators=[*default_evaluators(), evaluator])
+        print(f"\n{name}: {function.__doc__} One process:")
+        figures = []
+        for label, link in (("without child_runs (before)", lambda rows, built: None), ("with child_runs", linked)):
+            tasks.scoring.link_child_runs = link
+            start = time.perf_counter()
+            span_scores(batch, bind_all([evaluator]), None)
+            _line(f"{label}: one batch, {roots:,} roots", time.perf_counter() - start, roots)
+            timings = []
+            for run in range(runs):
+                start = time.perf_counter()
+                triage(config=config, out=str(work / f"{name}-{len(figures)}-{run}"))
+                timings.append(time.perf_counter() - start)
+            figures.append(statistics.median(timings))
+            _line(f"{label}: whole window, median", figures[-1], traces)
+        tasks.scoring.link_child_runs = linked
+        print(f"  child_runs cost {100 * (figures[1] / figures[0] - 1):+.1f}% on the whole window")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--traces", type=int, default=100_000)
     parser.add_argument("--data", type=Path, default=ROOT / ".bench-data", help="where generated traces are kept")
     parser.add_argument("--flow-runs", type=int, default=3, help="flow runs to time (the median is reported)")
+    parser.add_argument("--only-run-evaluator", action="store_true",
+                        help="only the run-taking evaluator's figures (with and without child_runs)")
     args = parser.parse_args()
 
     from tasks.sample import generate_traces, write_sample
@@ -157,9 +212,15 @@ def main() -> None:
     print(f"source: {source} ({source.stat().st_size / 1e6:,.0f} MB), {os.cpu_count()} cores\n")
     with tempfile.TemporaryDirectory() as tmp, PeakRSS() as memory:
         work = Path(tmp)
-        stages(source, work / "stages", args.traces)
-        end_to_end(source, work / "flow", args.traces, args.flow_runs)
-        user_evaluator(source, work / "stages", args.traces)
+        if args.only_run_evaluator:
+            from tasks.fetch import fetch_windows
+
+            fetch_windows(str(source), timedelta(hours=1), 2000, str(work / "stages"))
+        else:
+            stages(source, work / "stages", args.traces)
+            end_to_end(source, work / "flow", args.traces, args.flow_runs)
+            user_evaluator(source, work / "stages", args.traces)
+        run_evaluator(source, work / "stages", args.traces, args.flow_runs)
     print(f"\npeak RSS, this process and its evaluation workers (not the Prefect API server): "
           f"{memory.peak / 2**30:.2f} GiB")
 

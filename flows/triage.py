@@ -23,7 +23,7 @@ from tasks.dispatch import Sinks, dispatch_task, unfinished_windows
 from tasks.evaluate import evaluate_task, evaluation_workers, start_evaluation_workers
 from tasks.evaluators import import_ref
 from tasks.fetch import SourceSpans, WindowSpans, fetch_task, langsmith_fetch_task, source_fingerprint, source_path
-from tasks.langsmith import langsmith_client, meta_path, project_id, window_range
+from tasks.langsmith import langsmith_client, meta_path, project_id, source_range, window_range
 from tasks.partition import evaluators_table, partition_task, scores_for_analysis, status_counts
 from tasks.progress import track_batches
 from tasks.records import check_records_file
@@ -63,9 +63,13 @@ def sinks(config: LoopConfig, window: dict[str, Any] | None = None) -> Sinks:
     rules = {config.action_name(i): a for i, a in enumerate(config.actions)}
     hooks = {name: webhook_secret(rule) for name, rule in rules.items() if rule.do == "webhook"}
     writer = None
-    if any(a.writes_to_langsmith for a in config.actions):
+    if any(a.writes_to_langsmith or a.do == "call" for a in config.actions):  # what a call returns may write too
         credentials = config.source.credentials if isinstance(config.source, LangSmithSource) else None
-        writer = LangSmithWriter(langsmith_client(credentials))
+        try:
+            writer = LangSmithWriter(langsmith_client(credentials))
+        except ValueError:  # no API key: only the actions a call asks for may fail, with the reason
+            if any(a.writes_to_langsmith for a in config.actions):
+                raise
     return Sinks(langsmith=writer, webhooks=Webhooks(hooks) if hooks else None,
                  slack={name: slack_target(rule) for name, rule in rules.items() if rule.do == "slack"},
                  window=window or {}, flow_run_url=flow_run_link() if window else None)
@@ -187,7 +191,7 @@ def triage(
     out_dir = Path(out)
     epoch = work_epoch(out_dir / "work")
     if isinstance(config.source, LangSmithSource):
-        start, end = window_range(start, end, config.window.size_delta, config.window.lag_delta)
+        start, end = source_range(config.source, start, end, config.window.size_delta, config.window.lag_delta)
         fetched_at = stable_hash(config.source.model_dump(), start, end)
         final = datetime.now(UTC) >= end + config.window.lag_delta
         source_file = Path(langsmith_fetch_task(config.source, start, end, config.window.size_delta,

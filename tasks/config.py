@@ -82,10 +82,14 @@ class RateLimit(_Strict):
 
 
 class LangSmithSource(_Strict):
-    """Runs of a LangSmith tracing project, fetched through the langsmith SDK."""
+    """Runs of a LangSmith tracing project, or of an `evaluate()` experiment, fetched through the langsmith SDK."""
 
     kind: Literal["langsmith"] = "langsmith"
-    project: str = Field(description="Tracing project (session) name.")
+    project: str | None = Field(None, description="Tracing project (session) name.")
+    experiment: str | None = Field(None, description="Instead of `project`: an evaluate() experiment's name; all its "
+                                                     "runs are read, each with the dataset example it was made "
+                                                     "from (for evaluators that take `example` or "
+                                                     "`reference_outputs`).")
     filter: str | None = Field(None, description="LangSmith filter on every run, e.g. 'eq(run_type, \"llm\")'.")
     trace_filter: str | None = Field(None, description="LangSmith filter on each run's root, e.g. "
                                                        "'eq(status, \"success\")'.")
@@ -98,12 +102,23 @@ class LangSmithSource(_Strict):
     rate_limit: RateLimit = Field(default_factory=RateLimit, description="Client-side pace of run queries.")
     credentials: str | None = Field(None, description="Name of a LangSmithCredentials block; else the "
                                                       "LANGSMITH_* environment variables.")
+    feedback_stats: bool = Field(False, description="Also fetch each run's feedback scores (set by the loop when "
+                                                    "an evaluator is `langsmith:feedback/<key>`).")
 
     @field_validator("grace")
     @classmethod
     def _grace_is_duration(cls, value: str) -> str:
         parse_duration(value)
         return value
+
+    @model_validator(mode="after")
+    def _one_session(self) -> LangSmithSource:
+        if not (self.project or self.experiment) or (self.experiment and self.project not in (None,
+                                                                                               self.experiment)):
+            raise ValueError("a langsmith source needs `project: NAME` or `experiment: NAME` (one of them)")
+        if self.experiment and self.project is None:
+            self.project = self.experiment  # an experiment is a project (session) with a reference dataset
+        return self
 
 
 Source = Annotated[FileSource | SampleSource | LangSmithSource, Field(discriminator="kind")]
@@ -197,7 +212,8 @@ class CallRetry(_Strict):
 
 class EvaluatorConfig(_Strict):
     key: str = Field(description="Feedback key the scores are recorded under.")
-    ref: str = Field(description="Import path 'package.module:function', or 'builtin:<name>'.")
+    ref: str = Field(description="Import path 'package.module:function', 'builtin:<name>', or "
+                                 "'langsmith:feedback/<key>' (the score each run already has in LangSmith).")
     threshold: float = Field(0.5, strict=True,  # a quoted "0.5" is a typo to point out, not a number to guess
                              description="Scores below it fail (above it with higher_is_better: false).")
     higher_is_better: bool = True
@@ -242,9 +258,18 @@ class EvaluatorConfig(_Strict):
     def _ref_has_form(cls, value: str) -> str:
         if ":" not in value:
             raise ValueError(
-                f"evaluator ref {value!r} must be 'package.module:function' or 'builtin:<name>'"
+                f"evaluator ref {value!r} must be 'package.module:function' or 'builtin:<name>' (or "
+                f"'langsmith:feedback/<key>' for scores already in LangSmith)"
             )
+        if value.startswith("langsmith:") and not re.fullmatch(r"langsmith:feedback/[A-Za-z0-9_.\-]+", value):
+            raise ValueError(f"evaluator ref {value!r}: LangSmith scores are 'langsmith:feedback/<key>', e.g. "
+                             f"'langsmith:feedback/correctness'")
         return value
+
+    @property
+    def feedback_key(self) -> str | None:
+        """For `ref: langsmith:feedback/<key>`, the feedback key whose existing scores are the scores."""
+        return self.ref.removeprefix("langsmith:feedback/") if self.ref.startswith("langsmith:feedback/") else None
 
     @model_validator(mode="after")
     def _threshold_in_range(self) -> EvaluatorConfig:
@@ -535,6 +560,12 @@ class LoopConfig(_Strict):
         names = [a.name for a in self.actions if a.name]
         if len(names) != len(set(names)):
             raise ValueError("action names must be unique")
+        if any(e.feedback_key for e in self.evaluators):
+            if isinstance(self.source, LangSmithSource):
+                self.source.feedback_stats = True  # the scores come with the runs: no request of their own
+            elif isinstance(self.source, SampleSource):
+                raise ValueError("a `langsmith:feedback/<key>` evaluator reads scores from LangSmith runs; the "
+                                 "sample source has none")
         return self
 
     def action_name(self, index: int) -> str:

@@ -29,29 +29,31 @@ import numpy as np
 import orjson
 import pandas as pd
 import pyarrow.parquet as pq
+from langsmith.schemas import RunBase
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 from prefect.tasks import exponential_backoff
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from tasks.config import RUN_ACTIONS, ActionConfig, LoopConfig, When
 from tasks.evaluators import import_ref
 from tasks.lease import DispatchLease, run_logger
 from tasks.progress import report
 from tasks.records import RecordFile
+from tasks.run_tree import grown
 from tasks.scoring import RunRows, records_path
 from tasks.slack import SlackTarget, message, slack_target
 from tasks.snapshot import PREFIX, SnapshotStore, partition_name, partition_start
 from tasks.summary import window_resource
 from tasks.trends import episode_event, recent_windows
-from tasks.webhook import Webhooks, idempotency_key
+from tasks.webhook import Webhooks, idempotency_key, webhook_secret
 from tasks.writeback import BATCH, LangSmithWriter
 
 ACTION_NAMESPACE = uuid.UUID("0b6a3f0e-4f7e-4c1f-9f55-2f0e8d1c7a11")
 LEDGER_DIR = "_ledger"
 EPISODE_GAP = timedelta(days=1)  # how long a loop may go untriaged and still send an episode's recovery
-FOLLOW_UPS = ("log", "feedback", "annotation_queue", "dataset", "slack", "prefect_event")
+FOLLOW_UPS = ("log", "feedback", "annotation_queue", "dataset", "webhook", "slack", "prefect_event")
 
 Outcome = tuple[str, Any]
 
@@ -395,45 +397,119 @@ def _call_action(ref: str, record: dict[str, Any], run: Any) -> Any:
     return fn(run, record.get("score"), **extras)
 
 
-def root_runs(window_spans_path: str, trace_ids: set[str]) -> dict[str, Any]:
-    """langsmith `Run` objects for the roots of some traces of a window."""
+def root_runs(window_spans_path: str, trace_ids: set[str], with_children: bool = False) -> dict[str, Any]:
+    """langsmith `Run` objects for the roots of some traces of a window; `with_children`: each with its trace's
+    tree in `child_runs` (for calls, which get the run as evaluators do)."""
     if not trace_ids:
         return {}
-    table = pq.read_table(window_spans_path, filters=[("is_root", "=", True)])
+    table = pq.read_table(window_spans_path, filters=None if with_children else [("is_root", "=", True)])
     table = table.filter(np.isin(table.column("trace_id").to_numpy(zero_copy_only=False), list(trace_ids)))
+    roots = np.flatnonzero(table.column("is_root").to_numpy(zero_copy_only=False)).tolist()
     with RecordFile(records_path(table.schema)) as records:
         rows = RunRows(table, records)
-        return {str(rows.run(i).trace_id): rows.run(i) for i in range(table.num_rows)}
+        rows.prepare_runs(roots)  # in one go: the trees of all roots from one pass over the table
+        return grown({str(rows.run(i).trace_id): rows.run(i) for i in roots})
+
+
+# The actions a call may return in the form of langsmith-sdk #2907 (`{"action": name, ...}`), besides `{"do": ...}`.
+CALL_ACTIONS = ("add_to_annotation_queue", "add_to_dataset", "trigger_webhook", "create_feedback", "slack")
+CONTEXT_KEY = "tracetriage.context"  # the feedback that carries an action's `metadata` to the run in LangSmith
+
+
+def requested_actions(response: Any) -> list[Any]:
+    """The actions a call asked for in what it returned: one action (`{"action": ...}`), a list of actions, or
+    `{"then": [...]}`; none for anything else, which is only kept."""
+    if isinstance(response, dict):
+        if isinstance(response.get("then"), list):
+            return response["then"]
+        return [response] if "action" in response else []
+    if isinstance(response, list) and any(isinstance(i, dict) and ("action" in i or "do" in i) for i in response):
+        return response
+    return []
+
+
+def follow_up_fields(spec: Any, parent: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The action config fields and the record fields (`metadata`; a feedback's `score`, `value`, `comment`) of
+    one action a call asked for, given as `{"action": ...}` (#2907) or as an action spec `{"do": ...}`."""
+    if isinstance(spec, dict) and "action" in spec:
+        rest = dict(spec)
+        name = rest.pop("action")
+        record = {"metadata": rest.pop("metadata")} if rest.get("metadata") is not None else {}
+        rest.pop("metadata", None)
+        if name == "add_to_annotation_queue":
+            return {"do": "annotation_queue", "queue": rest.pop("queue_name", None), **rest}, record
+        if name == "add_to_dataset":
+            return {"do": "dataset", "dataset": rest.pop("dataset_name", None), **rest}, record
+        if name == "trigger_webhook":
+            return {"do": "webhook", **rest}, record
+        if name == "create_feedback":
+            score = rest.pop("score", None)
+            if score is not None and (isinstance(score, bool) or not isinstance(score, int | float)):
+                raise ValueError(f"create_feedback score {score!r} must be a number")
+            record.update(score=score, value=rest.pop("value", None), comment=rest.pop("comment", None))
+            return {"do": "feedback", **rest}, record
+        if name == "slack":
+            return {"do": "slack", **rest}, record
+        raise ValueError(f"unknown action {name!r} returned by {parent!r}; accepted actions: "
+                         f"{', '.join(CALL_ACTIONS)} (or {{\"do\": ...}}, {{\"then\": [...]}})")
+    if not isinstance(spec, dict) or spec.get("do") not in FOLLOW_UPS:
+        raise ValueError(f"follow-up {spec!r} of {parent!r}: a follow-up is a dict with `action:` one of "
+                         f"{', '.join(CALL_ACTIONS)}, or `do:` one of {', '.join(FOLLOW_UPS)}")
+    return dict(spec), {}
+
+
+def context_comment(record: dict[str, Any], when: When) -> str:
+    """What a reviewer reads first, e.g. 'faithfulness 0.42 < 0.7; culprit span search_docs (3f2c…)'."""
+    parts = []
+    if record.get("evaluator") and record.get("score") is not None:
+        bound = f" < {when.below:g}" if when.below is not None else f" > {when.above:g}" if when.above is not None \
+            else ""
+        parts.append(f"{record['evaluator']} {record['score']:.2f}{bound}")
+    else:
+        parts.append("failing trace")
+    if record.get("culprit_span"):
+        parts.append(f"culprit span {record['culprit_span']} ({str(record.get('culprit_run_id'))[:4]}…)")
+    return "; ".join(parts)
 
 
 def follow_ups(parent: dict[str, Any], rule: ActionConfig, then: list[Any],
                specs: dict[str, ActionConfig]) -> tuple[list[dict], dict[str, ActionConfig | None]]:
-    """The actions a `call` asked for (`{"then": [...]}` in what it returned): planned actions, and the rule of
-    each by action id (None where the spec is invalid).
+    """The actions a call asked for (see `requested_actions`): planned actions, and the rule of each by action
+    id (None where the spec is invalid).
 
-    Each is an action spec without `when`, e.g. `{"do": "annotation_queue", "queue": "escalations"}`; its id
-    derives from the call's, so a rerun plans the same ones. Equal specs share one rule (in `specs`), so their
-    actions are sent together. An invalid spec becomes an action that fails with the reason (in the ledger and
-    the summary), never a crash of the window.
+    Each is an action without `when`, in the #2907 form (`{"action": "add_to_annotation_queue", "queue_name":
+    ..., "metadata": {...}}`) or as a spec (`{"do": "annotation_queue", "queue": "escalations"}`); its id derives
+    from the call's, so a rerun plans the same ones. An action's `metadata` goes to LangSmith as a feedback on
+    the run (key `tracetriage.context`, the metadata in `extra`), an action of its own with an id derived from
+    the call's too. Equal specs share one rule (in `specs`), so their actions are sent together. An invalid spec
+    becomes an action that fails with the reason (in the ledger and the summary), never a crash of the window.
     """
     planned, rules = [], {}
+
+    def add(record: dict[str, Any], fields: dict[str, Any]) -> None:
+        key = f"{record['action']}/{orjson.dumps(fields, option=orjson.OPT_SORT_KEYS).decode()}"
+        if key not in specs:
+            specs[key] = ActionConfig(when=rule.when, **{**fields, "name": record["action"]})
+        rules[record["action_id"]] = specs[key]
+        record["do"] = fields["do"]
+        planned.append(record)
+
     for i, spec in enumerate(then):
         name = f"{parent['action']}.then-{i}"
-        record = {**parent, "action_id": str(uuid.uuid5(uuid.UUID(parent["action_id"]), f"then/{i}")),
-                  "action": name, "follow_up_of": parent["action_id"]}
+        identity = uuid.UUID(parent["action_id"])
+        record = {**parent, "action_id": str(uuid.uuid5(identity, f"then/{i}")), "action": name,
+                  "follow_up_of": parent["action_id"]}
         try:
-            if not isinstance(spec, dict) or spec.get("do") not in FOLLOW_UPS:
-                raise ValueError(f"follow-up {spec!r} of {parent['action']!r}: a follow-up is a dict with `do:` one "
-                                 f"of {', '.join(FOLLOW_UPS)}")
-            key = f"{name}/{orjson.dumps(spec, option=orjson.OPT_SORT_KEYS).decode()}"
-            if key not in specs:
-                specs[key] = ActionConfig(when=rule.when, **{**spec, "name": name})
-            rules[record["action_id"]] = specs[key]
-            record["do"] = spec["do"]
+            fields, extra = follow_up_fields(spec, parent["action"])
+            add({**record, **extra}, fields)
+            if "metadata" in extra and fields["do"] != "feedback":
+                add({**record, "action_id": str(uuid.uuid5(identity, f"then/{i}/context")),
+                     "action": f"{name}.context", "metadata": extra["metadata"],
+                     "comment": context_comment(parent, rule.when)}, {"do": "feedback", "key": CONTEXT_KEY})
         except (ValueError, TypeError, ValidationError) as exc:
             rules[record["action_id"]] = None
-            record["do"], record["invalid"] = "invalid", f"{type(exc).__name__}: {exc}"[:300]
-        planned.append(record)
+            record["do"], record["invalid"] = "invalid", f"{type(exc).__name__}: {exc}"[:500]
+            planned.append(record)
     return planned, rules
 
 
@@ -511,7 +587,8 @@ def dispatch_actions(
         if not loaded:
             trace_ids = {p["trace_id"] for p in plan.actions if p["trace_id"]}
             trace_ids |= {t for r in sinks.window.get("root_causes", []) for t in r["example_trace_ids"]}
-            loaded.append(root_runs(window_spans_path, trace_ids))
+            loaded.append(root_runs(window_spans_path, trace_ids,
+                                    with_children=any(rule.do == "call" for rule in config.actions)))
         return loaded[0]
 
     def send(rule: ActionConfig | None, records: list[dict[str, Any]]) -> list[Outcome]:
@@ -527,7 +604,10 @@ def dispatch_actions(
                 return [("failed", f"{type(exc).__name__}: {exc}"[:500])]
             return [("sent", _json_safe(returned))]
         if do == "webhook":
-            return sinks.webhooks.send(rule, records[0]["action"], records, config.name) if sinks.webhooks else \
+            name = records[0]["action"]
+            if name not in rules:  # a call asked for it: its secret is resolved now (a missing one fails it)
+                return Webhooks({name: webhook_secret(rule)}).send(rule, name, records, config.name)
+            return sinks.webhooks.send(rule, name, records, config.name) if sinks.webhooks else \
                 [("failed", "no webhook secrets were resolved")] * len(records)
         if do == "slack":
             target = sinks.slack.get(records[0]["action"]) or slack_target(rule)
@@ -561,7 +641,8 @@ def dispatch_actions(
                 sent = [(r, detail) for r, (got, detail) in zip(chunk, outcomes, strict=True) if got == "sent"]
                 failed = [(r, detail) for r, (got, detail) in zip(chunk, outcomes, strict=True) if got != "sent"]
                 ledger.record_many([{"action_id": r["action_id"], "action": name, "response": detail,
-                                     **_then(detail)} for r, detail in sent], "sent")
+                                     **(_then(detail) if rule and rule.do == "call" else {})} for r, detail in sent],
+                                   "sent")
                 ledger.record_many([{"action_id": r["action_id"], "action": name, "error": detail}
                                     for r, detail in failed], "failed")
                 counts.sent += len(sent)
@@ -595,16 +676,29 @@ def dispatch_actions(
 
 def _then(response: Any) -> dict[str, Any]:
     """A call's request for further actions, kept in its ledger entry."""
-    if isinstance(response, dict) and isinstance(response.get("then"), list):
-        return {"then": [_json_safe(spec) for spec in response["then"]]}
-    return {}
+    requested = requested_actions(response)
+    return {"then": [_json_safe(spec) for spec in requested]} if requested else {}
+
+
+def _plain(value: Any) -> Any:
+    """What orjson cannot write itself, as JSON data: a `Run` as its reference (a call's metadata may hold runs,
+    e.g. `run.child_runs`), another model as its fields, anything else as its text."""
+    if isinstance(value, RunBase):
+        return {"run_id": str(value.id), "name": value.name, "run_type": value.run_type}
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, set | frozenset | tuple):
+        return list(value)
+    return str(value)
 
 
 def _json_safe(value: Any) -> Any:
-    """`value` as JSON data for the ledger; what orjson cannot write (int keys, huge ints) as its text, so a call
-    that did its work is never recorded as failed because of what it returned."""
+    """`value` as JSON data for the ledger (UUIDs, datetimes, runs included); what orjson cannot write (int keys,
+    huge ints) as its text, so a call that did its work is never recorded as failed because of what it
+    returned."""
     try:
-        return orjson.loads(orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS))
+        return orjson.loads(orjson.dumps(value, default=_plain,
+                                         option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY))
     except (TypeError, orjson.JSONEncodeError):
         return {"repr": repr(value)[:1000]}
 

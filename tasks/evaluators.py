@@ -7,7 +7,8 @@ returning bool / number / str / dict / list of dicts / `EvaluationResult(s)`.
 
 Production runs have no dataset example, so `example` is None, `reference_outputs`
 and `attachments` are `{}`, and `inputs` is the run's own inputs (LangSmith's
-`evaluate()` would pass the example's inputs; there is none here).
+`evaluate()` would pass the example's inputs; there is none here). The runs of an
+`evaluate()` experiment have one: `example` is it and `reference_outputs` its outputs.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from tasks.evaluator_calls import (
     call_async,
     call_in_lanes,
 )
+from tasks.langsmith_scores import feedback_score_evaluator
 
 SUPPORTED_ARGS = ("run", "example", "inputs", "outputs", "reference_outputs", "attachments")
 
@@ -119,28 +121,29 @@ class BoundEvaluator:
 
     def call(self, run_fields: dict[str, Any], run: Run | None) -> Any:
         if self.mode == "run_evaluator":
-            return self.target.evaluate_run(run, None)
+            return self.target.evaluate_run(run, run_fields.get("example"))
         if self.mode == "legacy":
-            return self.target(run, None)
+            return self.target(run, run_fields.get("example"))
         if self.wants == ("inputs", "outputs"):  # the common openevals shape, without building a dict twice
             return self.target(inputs=run_fields["inputs"], outputs=run_fields["outputs"])
         return self.target(**_arguments(self.wants, run_fields, run))
 
     async def acall(self, run_fields: dict[str, Any], run: Run | None) -> Any:
         if self.mode == "run_evaluator":
-            return await self.target.aevaluate_run(run, None)
+            return await self.target.aevaluate_run(run, run_fields.get("example"))
         if self.mode == "legacy":
-            return await self.target(run, None)
+            return await self.target(run, run_fields.get("example"))
         return await self.target(**_arguments(self.wants, run_fields, run))
 
 
 def _arguments(wants: tuple[str, ...], run_fields: dict[str, Any], run: Run | None) -> dict[str, Any]:
+    example = run_fields.get("example")
     values = {
         "run": run,
-        "example": None,
+        "example": example,
         "inputs": run_fields["inputs"],
         "outputs": run_fields["outputs"],
-        "reference_outputs": {},
+        "reference_outputs": (example.outputs or {}) if example is not None else {},
         "attachments": {},
     }
     return {name: values[name] for name in wants}
@@ -204,6 +207,8 @@ def bind_evaluator(config: EvaluatorConfig) -> BoundEvaluator:
         except Exception as exc:
             raise EvaluatorError(f"{label}: bad params {config.params}: {exc}") from None
         source = _source_hash(BUILTINS[name]) + repr(sorted(params.items()))
+    elif config.feedback_key:
+        target, source = feedback_score_evaluator(config.feedback_key), config.ref
     else:
         target = import_ref(config.ref)
         source = _source_hash(target)
@@ -372,8 +377,8 @@ def evaluate_columnar(evaluator: BoundEvaluator, spans: Any) -> list[list[Result
     """Results of a columnar evaluator (one call for all target spans, a Table of SPANS), one list per row.
 
     It may return a sequence with one result per row (any kind a per-run evaluator may
-    return), or a dict of columns: `score` (required), `comment`, `value`. It runs on a
-    watched thread like a sync evaluator, so one that hangs is an error at its timeout.
+    return), or a dict of columns: `score` (required), `comment`, `value`, `error` (the row is an error). It runs
+    on a watched thread like a sync evaluator, so one that hangs is an error at its timeout.
     """
     key, n = evaluator.key, spans.num_rows
 
@@ -402,8 +407,8 @@ def _column_results(columns: dict[str, Any], key: str, n: int) -> list[list[Resu
             return [None] * n
         return value.tolist() if hasattr(value, "tolist") else list(value)
 
-    scores, comments, values = as_list("score"), as_list("comment"), as_list("value")
+    scores, comments, values, errors = as_list("score"), as_list("comment"), as_list("value"), as_list("error")
     return [
-        [Result(key, None if s is None else float(s), None if v is None else str(v), c, None)]
-        for s, c, v in zip(scores, comments, values, strict=True)
+        [Result(key, None if s is None else float(s), None if v is None else str(v), c, e)]
+        for s, c, v, e in zip(scores, comments, values, errors, strict=True)
     ]

@@ -270,14 +270,16 @@ def _stream(client: Client, source: LangSmithSource, limiter: RateLimiter, pid: 
             bounds: tuple[datetime, datetime], stats: FetchStats,
             on_page: Callable[[], None]) -> list[dict[str, Any]]:
     low, high = bounds
+    extra = [field for field, wanted in (("feedback_stats", source.feedback_stats),
+                                         ("reference_example_id", source.experiment)) if wanted]
     if api == "v2":
         query = {"project_ids": [pid], "min_start_time": _iso(low), "max_start_time": _iso(high),
-                 "selects": V2_SELECTS, "page_size": source.page_size}
+                 "selects": V2_SELECTS + [f.upper() for f in extra], "page_size": source.page_size}
         query.update({k: v for k, v in (("filter", source.filter), ("trace_filter", source.trace_filter)) if v})
         pages = _v2_pages(client, limiter, query, stats)
     else:
         # v1's start_time / end_time bound the runs' start times.
-        body = {"session": [pid], "start_time": _iso(low), "end_time": _iso(high), "select": V1_SELECT,
+        body = {"session": [pid], "start_time": _iso(low), "end_time": _iso(high), "select": V1_SELECT + extra,
                 "limit": V1_PAGE}
         body.update({k: v for k, v in (("filter", source.filter), ("trace_filter", source.trace_filter)) if v})
         pages = _v1_pages(client, limiter, body, stats)
@@ -322,11 +324,52 @@ def fetch_runs(
         raise LangSmithFetchError(f"fetching runs of {source.project!r} from {client.api_url} failed after "
                                    f"{total().requests} requests: {type(exc).__name__}: {exc}") from exc
     runs = list({run["id"]: run for part in parts for run in part}.values())  # v1 bounds are inclusive
+    if source.experiment:
+        attach_examples(client, runs, project.reference_dataset_id, stats=streams[0])
     stats = total()
     stats.runs = len(runs)
     write_complete_traces(runs, start, end, out)
     meta_path(out).write_bytes(orjson.dumps({"trace_url": trace_url_prefix(client, project), "project_id": pid}))
     return stats
+
+
+EXAMPLES_PAGE = 100  # example ids per `GET /examples` (they go in the query string)
+
+
+def attach_examples(client: Client, runs: list[dict[str, Any]], dataset_id: Any, stats: FetchStats) -> int:
+    """Each root run of an experiment gets the dataset example it was made from, as `reference_example`
+    (what evaluators taking `example` or `reference_outputs` are given); fetched by id, a page of ids per
+    request, never one request per run. Returns how many runs got one."""
+    wanted = sorted({str(r["reference_example_id"]) for r in runs if r.get("reference_example_id") and _is_root(r)})
+    examples: dict[str, dict[str, Any]] = {}
+    for begin in range(0, len(wanted), EXAMPLES_PAGE):
+        stats.requests += 1
+        page = client.list_examples(dataset_id=dataset_id, example_ids=wanted[begin:begin + EXAMPLES_PAGE],
+                                    limit=EXAMPLES_PAGE)
+        examples.update({str(e.id): e.model_dump(mode="json") for e in page})
+    found = 0
+    for run in runs:
+        example = examples.get(str(run.get("reference_example_id")))
+        if example is not None and _is_root(run):
+            run["reference_example"] = example
+            found += 1
+    return found
+
+
+def source_range(source: LangSmithSource, start: datetime | None, end: datetime | None, size: timedelta,
+                 lag: timedelta) -> tuple[datetime, datetime]:
+    """The windows a LangSmith run triages: `[start, end)` aligned; by default the last closed window, or for
+    an experiment every window its runs started in."""
+    if source.experiment and start is None:
+        project = source_project(langsmith_client(source.credentials), source.project)
+        first = project.start_time
+        last = getattr(project, "last_run_start_time", None) or project.end_time or datetime.now(UTC)
+        return window_range(_aware(first), _aware(last) + timedelta(microseconds=1), size, lag)
+    return window_range(start, end, size, lag)
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _start(run: dict[str, Any]) -> datetime:

@@ -37,7 +37,9 @@ from tasks.evaluators import (
     run_object,
 )
 from tasks.judge_cache import CACHE_FILE, JudgeCache
+from tasks.langsmith_scores import reference_example
 from tasks.records import RECORDS_KEY, RecordFile, run_metadata
+from tasks.run_tree import link_child_runs
 from tasks.schemas import ROOT_METADATA, SCHEMA_VERSION, SCORES
 
 _RUN_FIELDS = ("id", "name", "run_type", "error", "status", "trace_id", "dotted_order", "parent_run_id",
@@ -67,6 +69,7 @@ class RunRows:
                 "inputs": record.get("inputs") or {},
                 "outputs": record.get("outputs"),
                 "metadata": run_metadata(record),
+                "example": reference_example(record),
             }
         return cached
 
@@ -80,6 +83,7 @@ class RunRows:
         for position, i in enumerate(wanted):
             values = {name: column[position] for name, column in zip(_RUN_FIELDS, columns, strict=True)}
             self._runs[i] = run_object({**values, **self.fields(i)})
+        link_child_runs(self, wanted)  # a root run comes with its trace's tree
 
     def run(self, i: int) -> Any:
         if i not in self._runs:

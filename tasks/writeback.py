@@ -57,6 +57,8 @@ def with_retries(call: Callable[[], Any], pace: RateLimiter, attempts: int = ATT
 
 
 def _describe(record: dict[str, Any]) -> str:
+    if record.get("comment"):  # written by a call (or the context of an action it asked for)
+        return record["comment"]
     score = "" if record.get("score") is None else f" (score {record['score']:.3g})"
     what = f"failed {record['evaluator']}{score}" if record.get("evaluator") else "failing trace"
     if record.get("culprit_span"):
@@ -65,8 +67,18 @@ def _describe(record: dict[str, Any]) -> str:
 
 
 def _extra(record: dict[str, Any]) -> dict[str, Any]:
-    return {"tracetriage": {k: record.get(k) for k in ("loop", "window_start", "action", "action_id", "evaluator",
-                                                        "culprit_run_id", "culprit_span", "culprit_reason")}}
+    extra = {"tracetriage": {k: record.get(k) for k in ("loop", "window_start", "action", "action_id", "evaluator",
+                                                         "culprit_run_id", "culprit_span", "culprit_reason")}}
+    if record.get("metadata") is not None:  # what a call attached to the action it asked for
+        extra["metadata"] = record["metadata"]
+    return extra
+
+
+def _score(record: dict[str, Any]) -> float | None:
+    """The feedback's score: the record's; 0 for a failure without one, unless a call gave a `value` instead."""
+    if record.get("score") is None:
+        return None if record.get("value") is not None else 0.0
+    return record["score"]
 
 
 def _run_key(run: Any) -> dict[str, Any]:
@@ -104,7 +116,7 @@ class LangSmithWriter:
                 for run_id, feedback_id in targets:
                     with_retries(lambda run_id=run_id, feedback_id=feedback_id: self.client.create_feedback(
                         run_id, key=rule.key or record.get("evaluator") or "tracetriage_failure",
-                        score=0.0 if record.get("score") is None else record["score"],
+                        score=_score(record), value=record.get("value"),
                         comment=_describe(record), feedback_id=feedback_id, feedback_source_type="model",
                         session_id=str(run.session_id), extra=_extra(record), stop_after_attempt=1),
                         self.feedback_pace)

@@ -216,6 +216,7 @@ class _Project:
     created: datetime
     runs: list[_Run] = field(default_factory=list)  # sorted by key
     traces: dict[str, list[_Run]] = field(default_factory=lambda: defaultdict(list))
+    reference_dataset_id: str | None = None  # set for an evaluate() experiment
 
 
 @dataclass
@@ -399,13 +400,16 @@ class LangSmithTestServer:
 
     # ---- data and logs
 
-    def add_project(self, name: str, records: Iterable[dict[str, Any]] = (), project_id: str | None = None) -> str:
-        """Create project `name` (or add to it) with v1 run records; returns its id (uuid5 of the name by default)."""
+    def add_project(self, name: str, records: Iterable[dict[str, Any]] = (), project_id: str | None = None,
+                    reference_dataset_id: str | None = None) -> str:
+        """Create project `name` (or add to it) with v1 run records; returns its id (uuid5 of the name by default).
+        With `reference_dataset_id` it is an experiment on that dataset (its runs carry `reference_example_id`)."""
         with self._lock:
             project = next((p for p in self.projects.values() if p.name == name), None)
             if project is None:
                 project_id = project_id or str(uuid.uuid5(_NAMESPACE, f"project/{name}"))
-                project = self.projects[project_id] = _Project(project_id, name, datetime.now(UTC))
+                project = self.projects[project_id] = _Project(project_id, name, datetime.now(UTC),
+                                                               reference_dataset_id=reference_dataset_id)
             for record in records:
                 run = self._make_run(record, project.id)
                 self.runs[run.id] = run
@@ -642,8 +646,10 @@ class LangSmithTestServer:
     def _session_json(self, project: _Project) -> dict[str, Any]:
         # start_time is the earliest run: the SDK's v2 readers use it as `min_start_time`.
         start = project.runs[0].key[0] if project.runs else project.created
+        last = _iso(project.runs[-1].key[0]) if project.runs else None
         return {"id": project.id, "name": project.name, "tenant_id": TENANT_ID, "start_time": _iso(start),
-                "end_time": None, "reference_dataset_id": None, "extra": None, "run_count": len(project.runs)}
+                "end_time": None, "reference_dataset_id": project.reference_dataset_id, "extra": None,
+                "run_count": len(project.runs), "last_run_start_time": last}
 
     def _h_sessions_list(self, req: _Request) -> tuple[int, Any]:
         names, ids = req.query.get("name"), req.query.get("id")
@@ -683,7 +689,9 @@ class LangSmithTestServer:
             "default"]
         fields = set(select) | _V1_ALWAYS
         page, cursor = self._page(runs, body.get("cursor"), body.get("limit", 100), body.get("order", "desc") == "desc")
-        return 200, {"runs": [{k: v for k, v in r.v1.items() if k in fields} for r in page],
+        stats = "feedback_stats" in fields
+        return 200, {"runs": [{**{k: v for k, v in r.v1.items() if k in fields},
+                               **({"feedback_stats": self._feedback_stats(r.id)} if stats else {})} for r in page],
                      "cursors": {"next": cursor, "prev": None}}
 
     def _h_run_read(self, req: _Request) -> tuple[int, Any]:
@@ -717,7 +725,10 @@ class LangSmithTestServer:
         selects = [s.lower() for s in body.get("selects") or ["ID"]]
         page, cursor = self._page(runs, body.get("cursor"), body.get("page_size", 100),
                                   body.get("sort_order", "DESC") == "DESC")
-        out: dict[str, Any] = {"items": [{k: r.v2[k] for k in selects if k in r.v2} for r in page],
+        stats = "feedback_stats" in selects
+        out: dict[str, Any] = {"items": [{**{k: r.v2[k] for k in selects if k in r.v2},
+                                          **({"feedback_stats": self._feedback_stats(r.id)} if stats else {})}
+                                         for r in page],
                                "has_more": cursor is not None}
         if cursor:
             out["next_cursor"] = cursor  # omitted on the last page, as the spec says
@@ -750,6 +761,19 @@ class LangSmithTestServer:
         stored = {**body, "id": feedback_id}
         self.feedback.append(stored)
         return 200, self._feedback_json(stored)
+
+    def _feedback_stats(self, run_id: str) -> dict[str, Any]:
+        """Per feedback key on a run: count, mean score and a few comments (v2 `query.RunFeedbackStat`)."""
+        by_key: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for f in self.feedback:
+            if f.get("run_id") == run_id:
+                by_key[f["key"]].append(f)
+        out = {}
+        for key, items in by_key.items():
+            scores = [f["score"] for f in items if isinstance(f.get("score"), int | float)]
+            out[key] = {"n": len(items), "comments": [f["comment"] for f in items if f.get("comment")][:3],
+                        **({"avg": sum(scores) / len(scores)} if scores else {})}
+        return out
 
     def _feedback_json(self, stored: dict[str, Any]) -> dict[str, Any]:
         known = self.spec.schema("FeedbackSchema")["properties"]

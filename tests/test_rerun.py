@@ -155,8 +155,8 @@ def test_feedback_loop_is_the_python_form_of_the_loop(small_sample, tmp_path):
 
 
 def test_feedback_loop_without_a_source_says_what_to_pass():
-    with pytest.raises(ValueError, match="source="):
-        feedback_loop("support-bot", evaluator=lambda outputs: 1.0)
+    with pytest.raises(ValueError, match="project_name=.*experiment=.*source="):
+        feedback_loop(evaluator=lambda outputs: 1.0)
 
 
 def _ledger_rows(out: Path, loop: str = "tracetriage") -> list[dict]:
