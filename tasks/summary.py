@@ -201,10 +201,10 @@ def rollup_row(window: dict[str, Any], run_url: str | None) -> dict[str, Any]:
     spike = window.get("spike")
     return {"window": window["window_start"][:16].replace("T", " "), "traces": traces,
             "failing": _percent(failing / traces if traces else 0.0),
-            "top root cause": f"{_cause_label(cause)} {_percent(cause['share'])}" if cause else "-",
-            "spike": ", ".join(s["series"] for s in spike["series"] + spike["new_failure_modes"]) if spike else "-",
+            "top root cause": f"{_cause_label(cause)} {_percent(cause['share'])}" if cause else "none",
+            "spike": ", ".join(s["series"] for s in spike["series"] + spike["new_failure_modes"]) if spike else "no",
             "actions": f"{window['actions']['sent']} sent, {window['actions']['failed']} failed",
-            "run": run_url or "-"}
+            "run": run_url or ""}
 
 
 def rollup_text(rows: list[dict[str, Any]]) -> str:
@@ -266,5 +266,6 @@ def publish_artifacts(window: dict[str, Any], loop: str, source: str) -> None:
 @task(name="publish-rollup", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
 def publish_rollup(rows: list[dict[str, Any]], loop: str, period: str) -> None:
     """The roll-up table on the run a person started: one row per window, with a link to the window's run."""
-    create_table_artifact(table=rows or [{"window": "none", "traces": 0}], key=artifact_key(loop, "rollup"),
+    linked = [{**row, "run": f"[open]({row['run']})" if row["run"] else ""} for row in rows]  # cells are markdown
+    create_table_artifact(table=linked or [{"window": "none", "traces": 0}], key=artifact_key(loop, "rollup"),
                           description=f"{loop}: {len(rows)} windows triaged, {period}")

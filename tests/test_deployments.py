@@ -52,11 +52,11 @@ def running_prefect_server(root: Path) -> Iterator[dict]:
     port = free_port()
     base = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     base["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    server_env = {**base, "PREFECT_HOME": str(root / "server-home")}
+    api = f"http://127.0.0.1:{port}/api"
+    server_env = {**base, "PREFECT_HOME": str(root / "server-home"), "PREFECT_UI_API_URL": api}  # for a browser
     log = open(root / "server.log", "wb")
     server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                               env=server_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    api = f"http://127.0.0.1:{port}/api"
     deadline = time.monotonic() + 90
     try:
         while True:
