@@ -13,6 +13,7 @@ API.
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -21,7 +22,13 @@ from pathlib import Path
 
 from playwright.sync_api import Page, sync_playwright
 
-from tests.test_deployments import api_call, backfill_parameters, deployed_with_worker, running_prefect_server
+from tests.test_deployments import (
+    REPO,
+    api_call,
+    backfill_parameters,
+    deployed_with_worker,
+    running_prefect_server,
+)
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -136,6 +143,18 @@ def browse(server: dict, shots: Path, work: Path) -> list[bool]:
             shown = form_text(page)
             results.append(check(f"{version}: the LoopConfigBlock form shows source fields and the default "
                                  "evaluators", "Kind" in shown and "answer_grounded" in shown))
+        subprocess.run([sys.executable, "-c", "from blocks import LoopConfigBlock; from tasks.config import "
+                        "load_config; LoopConfigBlock(config=load_config('docs/loop.yaml')).save('support-bot')"],
+                       env=server["env"], cwd=REPO, check=True)
+        (block,) = api_call("POST", f"{api}/block_documents/filter",
+                            json={"block_documents": {"name": {"any_": ["support-bot"]}}})
+        for version, base in (("v2", f"{ui}/v2"), ("v1", ui)):
+            page.goto(f"{base}/blocks/block/{block['id']}")
+            page.wait_for_timeout(3000)
+            shot(page, shots, f"8-loop-config-block-{version}")
+            shown = form_text(page)
+            results.append(check(f"{version}: the saved LoopConfigBlock shows its config, not escaped JSON",
+                                 "support-bot" in shown and '\\"' not in shown))
         browser.close()
     return results
 

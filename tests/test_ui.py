@@ -142,3 +142,9 @@ def test_the_hourly_deployment_is_paused_until_it_has_a_config_block():
     project = yaml.safe_load((Path(__file__).resolve().parents[1] / "prefect.yaml").read_text())
     (hourly,) = [d for d in project["deployments"] if d["name"] == "triage-hourly"]
     assert hourly["paused"] is True and "config_block" in hourly["description"]
+
+
+def test_the_readme_block_step_ships_its_example_loop():
+    root = Path(__file__).resolve().parents[1]
+    assert "load_config('docs/loop.yaml')" in (root / "README.md").read_text()
+    assert load_config(root / "docs" / "loop.yaml").name == "support-bot"
