@@ -3,7 +3,8 @@
     tracetriage run                                  # sample traces, every window, summary on stdout
     tracetriage run --source runs.jsonl --json       # your exported runs, one JSON document on stdout
     tracetriage sample --traces 5000 --out runs.jsonl
-    tracetriage report --since 7d --out report/        # trend table on stdout, chart in report/trend.png
+    tracetriage sample --windows 30 --traces 300 --window-rate 25:tool_error=0.25 --out history.jsonl
+    tracetriage report --since 7d                      # trend table of .tracetriage, chart in .tracetriage/trend.png
 """
 
 from __future__ import annotations
@@ -43,19 +44,27 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print one JSON document instead of the summary")
 
     sample = commands.add_parser("sample", help="write sample traces of a RAG/agent app with planted failures")
-    sample.add_argument("--traces", type=int, default=2000)
+    sample.add_argument("--traces", type=int, default=2000, help="traces (per window with --windows)")
     sample.add_argument("--seed", type=int, default=7)
-    sample.add_argument("--hours", type=float, default=3, help="spread root start times over this many hours")
+    sample.add_argument("--hours", type=float, help="spread root start times over this many hours (default: 3)")
+    sample.add_argument("--windows", type=int, help="consecutive hourly windows of --traces traces each, instead "
+                                                    "of --hours")
     sample.add_argument("--out", type=Path, required=True, help="output .jsonl or .parquet file")
     sample.add_argument("--rate", action="append", default=[], metavar="MODE=SHARE",
                         help="share of traces with a planted failure mode, e.g. tool_error=0.2 (repeatable); "
                              "modes: irrelevant_retrieval, tool_error, slow_reranker, hallucinated_answer")
+    sample.add_argument("--window-rate", action="append", default=[], metavar="N:MODE=SHARE",
+                        help="with --windows, the share in window N only (1 is the first), e.g. 25:tool_error=0.25 "
+                             "plants a spike in window 25 (repeatable)")
     report = commands.add_parser("report", help="trend table and chart of the snapshots, spikes marked")
     report.add_argument("--config", type=Path, help="loop config YAML: where snapshots are, spike settings")
-    report.add_argument("--snapshots", help="snapshot URL (overrides the config; default .tracetriage/snapshots)")
+    report.add_argument("--out", type=Path, default=Path(".tracetriage"),
+                        help="the state directory `run --out` wrote (default: ./.tracetriage); snapshots are read "
+                             "from its snapshots/ unless the config or --snapshots names them")
+    report.add_argument("--snapshots", help="snapshot URL (overrides the config and --out)")
     report.add_argument("--since", default="7d", help="a duration back from the latest window (7d, 48h) or an "
                                                        "ISO time (default: 7d)")
-    report.add_argument("--out", type=Path, default=Path("."), help="directory for trend.png (default: .)")
+    report.add_argument("--chart", type=Path, help="where to write the chart PNG (default: OUT/trend.png)")
     return parser
 
 
@@ -155,27 +164,56 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def sample_command(args: argparse.Namespace) -> int:
-    from tasks.sample import generate_traces, write_sample
-
-    if args.out.suffix not in (".jsonl", ".parquet"):
-        print("tracetriage: --out must end in .jsonl or .parquet", file=sys.stderr)
-        return 2
+def _rates(items: list[str], flag: str) -> dict[str, float]:
+    """`MODE=SHARE` items as a dict; ValueError naming the flag when one is malformed."""
     rates = {}
-    for item in args.rate:
+    for item in items:
         mode, _, share = item.partition("=")
         try:
             rates[mode] = float(share)
         except ValueError:
-            print(f"tracetriage: --rate {item!r} must look like tool_error=0.2", file=sys.stderr)
-            return 2
+            raise ValueError(f"{flag} {item!r} must look like tool_error=0.2") from None
+    return rates
+
+
+def _window_rates(items: list[str], windows: int, base: dict[str, float]) -> list[dict[str, float] | None]:
+    """Each window's rates: `--rate` everywhere, `--window-rate N:MODE=SHARE` on top in window N."""
+    per_window: list[dict[str, float]] = [dict(base) for _ in range(windows)]
+    for item in items:
+        number, _, rate = item.partition(":")
+        if not number.isdigit() or not 1 <= int(number) <= windows:
+            raise ValueError(f"--window-rate {item!r}: N must be a window number from 1 to {windows}, "
+                             "e.g. 25:tool_error=0.25")
+        per_window[int(number) - 1].update(_rates([rate], "--window-rate"))
+    return [rates or None for rates in per_window]
+
+
+def sample_command(args: argparse.Namespace) -> int:
+    from tasks.sample import generate_traces, generate_windows, write_sample
+
+    if args.out.suffix not in (".jsonl", ".parquet"):
+        print("tracetriage: --out must end in .jsonl or .parquet", file=sys.stderr)
+        return 2
     try:
-        sample = generate_traces(args.traces, seed=args.seed, hours=args.hours, rates=rates)
+        if args.windows is None and args.window_rate:
+            raise ValueError("--window-rate needs --windows N")
+        if args.windows is not None and args.hours is not None:
+            raise ValueError("give --windows (hourly windows) or --hours, not both")
+        rates = _rates(args.rate, "--rate")
+        if args.windows is not None:
+            if args.windows < 1:
+                raise ValueError("--windows must be at least 1")
+            sample = generate_windows(args.traces, _window_rates(args.window_rate, args.windows, rates),
+                                      seed=args.seed)
+            traces = args.traces * args.windows
+        else:
+            sample = generate_traces(args.traces, seed=args.seed, hours=args.hours or 3, rates=rates)
+            traces = args.traces
     except ValueError as exc:
         print(f"tracetriage: {exc}", file=sys.stderr)
         return 2
     truth = write_sample(args.out, sample)
-    print(f"wrote {len(sample.records)} runs of {args.traces} traces to {args.out} (ground truth: {truth})")
+    print(f"wrote {len(sample.records)} runs of {traces} traces to {args.out} (ground truth: {truth})")
     return 0
 
 
@@ -187,13 +225,12 @@ def report_command(args: argparse.Namespace) -> int:
         config = load_config(args.config) if args.config else load_config(data={})
         if args.snapshots:
             config = config.model_copy(update={"snapshots": SnapshotConfig(url=args.snapshots)})
-        report = trend_report(open_store(config.snapshots, Path(".tracetriage") / "snapshots"), args.since,
-                              config.spikes)
+        report = trend_report(open_store(config.snapshots, args.out / "snapshots"), args.since, config.spikes)
     except (ConfigError, ValueError) as exc:
         print(f"tracetriage: {exc}", file=sys.stderr)
         return 2
-    args.out.mkdir(parents=True, exist_ok=True)
-    chart = args.out / "trend.png"
+    chart = args.chart or args.out / "trend.png"
+    chart.parent.mkdir(parents=True, exist_ok=True)
     chart.write_bytes(report.chart_png)
     print(f"trends of {report_period(report)}\n")
     print(format_table(report.table))

@@ -14,11 +14,12 @@ import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, unmapped
 from prefect.runtime import flow_run
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+from prefect.utilities.urls import url_for
 
 from tasks.aggregate import aggregate_task
 from tasks.attribute import SPAN_COLUMNS, attribute_task
 from tasks.cache import stable_hash, work_epoch
-from tasks.config import FileSource, LangSmithSource, LoopConfig, RunnerConfig
+from tasks.config import FileSource, LangSmithSource, LoopConfig, RunnerConfig, source_identity
 from tasks.dispatch import Sinks, dispatch_task, unfinished_windows
 from tasks.evaluate import evaluate_task, evaluation_workers, start_evaluation_workers
 from tasks.evaluators import import_ref
@@ -31,12 +32,13 @@ from tasks.schemas import ATTRIBUTION, PATTERNS, ROOT_CAUSES, SCHEMA_VERSION, WI
 from tasks.scoring import EvaluationSettings, bind_all, metadata_path
 from tasks.slack import slack_target
 from tasks.snapshot import open_store, snapshot_task, spans_snapshot
-from tasks.summary import publish_artifacts, summary_text, window_summary
+from tasks.summary import publish_artifacts, publish_rollup, rollup_row, rollup_text, summary_text, window_summary
 from tasks.trends import spike_task, window_series
 from tasks.webhook import Webhooks, webhook_secret
 from tasks.writeback import LangSmithWriter
 
 DEFAULT_OUT = ".tracetriage"
+DEFAULT_CONFIG = LoopConfig()  # the flows' default, shown whole in Prefect's run form (the sample traces)
 RETRY_WITHIN = timedelta(days=1)  # how far back the scheduled run looks for actions to try again
 WORKERS = int(os.environ.get("TRACETRIAGE_WORKERS", "4"))
 
@@ -72,7 +74,8 @@ def sinks(config: LoopConfig, window: dict[str, Any] | None = None) -> Sinks:
                 raise
     return Sinks(langsmith=writer, webhooks=Webhooks(hooks) if hooks else None,
                  slack={name: slack_target(rule) for name, rule in rules.items() if rule.do == "slack"},
-                 window=window or {}, flow_run_url=flow_run_link() if window else None)
+                 window=window or {}, flow_run_url=flow_run_link() if window else None,
+                 source=source_identity(config.source))
 
 
 def flow_run_link() -> str | None:
@@ -81,11 +84,20 @@ def flow_run_link() -> str | None:
     return url if url and url.startswith("http") else None
 
 
-@flow(name="triage-window", task_runner=ThreadPoolTaskRunner(max_workers=WORKERS), log_prints=True)
+@flow(name="triage-window", flow_run_name="window {window.window_start:%Y-%m-%d %H:%M}",
+      task_runner=ThreadPoolTaskRunner(max_workers=WORKERS), log_prints=True)
 def triage_window(config: LoopConfig, window: WindowSpans, source_token: str, out: str,
                   trace_url: str | None = None) -> dict[str, Any]:
     """Triage one window: evaluate in batches, partition, attribute, aggregate, check for a spike, snapshot,
-    dispatch."""
+    dispatch.
+
+    Args:
+        config: The loop config.
+        window: The window's spans, as the fetch stage wrote them.
+        source_token: The source's cache token (its fingerprint, window size and work epoch).
+        out: The state directory: snapshots, ledger, action log and work files.
+        trace_url: For a LangSmith source, the project's trace URL prefix (example traces link to it).
+    """
     out_dir = Path(out)
     window_start = window.window_start
     window_end = window_start + config.window.size_delta
@@ -137,7 +149,7 @@ def triage_window(config: LoopConfig, window: WindowSpans, source_token: str, ou
                                        str(out_dir / "actions.jsonl"), window.path, sinks(config, summary)).as_dict()
     summary["snapshot_uri"] = snapshot.result()
     snapshot_task(store, window_start, {"windows": windows_row(summary, verdicts, window_start, window_end)})
-    publish_artifacts(summary, config.name)
+    publish_artifacts(summary, config.name, source_identity(config.source))
     print(summary_text(summary))
     return summary
 
@@ -174,17 +186,18 @@ def resolve_config(config: LoopConfig | None, config_block: str | None) -> LoopC
     return config or LoopConfig()
 
 
-@flow(name="triage", log_prints=True)
-def triage(
-    config: LoopConfig | None = None,
-    start: datetime | None = None,
-    end: datetime | None = None,
-    out: str = DEFAULT_OUT,
-    config_block: str | None = None,
-) -> dict[str, Any]:
-    """Triage every window of the source between `start` and `end` (all windows when omitted; for a LangSmith
-    source, the last closed window). `config_block` names a LoopConfigBlock to use instead of `config`."""
-    config = validate(resolve_config(config, config_block))
+def source_label(config: LoopConfig, source_file: Path) -> str:
+    """The source as a person names it in a message."""
+    if isinstance(config.source, LangSmithSource):
+        return f"LangSmith project {config.source.project!r}"
+    if isinstance(config.source, FileSource):
+        return f"source file {source_file}"
+    return f"the sample traces (seed {config.source.seed}, {config.source.traces} traces)"
+
+
+def triage_windows(config: LoopConfig, start: datetime | None, end: datetime | None, out: str) -> dict[str, Any]:
+    """Every window of the source between `start` and `end`, each its own `triage-window` subflow of the flow
+    that calls this (so the run a person started holds the windows' runs and the roll-up)."""
     if not config.runner.dask_address:
         start_evaluation_workers(evaluation_workers(config.eval_workers))  # they import while the source loads
     logger = get_run_logger()
@@ -210,32 +223,108 @@ def triage(
     logger.info("%d windows of %s to triage (%d records skipped while reading)",
                 len(windows), source_file, sum(v["count"] for v in fetched.skipped.values()))
     window_flow = triage_window.with_options(task_runner=task_runner(config.runner))
-    results = [window_flow(config, window, source_token, out, trace_url) for window in windows]
-    return {"source": str(source_file), "skipped": fetched.skipped, "windows": results}
+    states = [window_flow(config, window, source_token, out, trace_url, return_state=True) for window in windows]
+    result = {"source": str(source_file), "skipped": fetched.skipped, "windows": [s.result() for s in states],
+              "window_runs": [str(s.state_details.flow_run_id) for s in states],
+              "range": period(start, end)}
+    if not windows:
+        held = [w.window_start for w in fetched.windows]
+        holds = (f"it holds {len(held)} windows, {held[0]:%Y-%m-%d %H:%M} .. {held[-1]:%Y-%m-%d %H:%M} UTC"
+                 if held else "it holds no traces at all")
+        result["warning"] = f"no traces of {source_label(config, source_file)} in {result['range']}; {holds}"
+    return result
+
+
+def period(start: datetime | None, end: datetime | None) -> str:
+    if start is None and end is None:
+        return "every window"
+    return f"{'the first window' if start is None else f'{start:%Y-%m-%d %H:%M}'} .. " \
+           f"{'the last window' if end is None else f'{end:%Y-%m-%d %H:%M} UTC'}"
+
+
+def report_rollup(config: LoopConfig, results: list[dict[str, Any]]) -> None:
+    """The answer on the run a person started: the roll-up table artifact, the same table as the last log lines,
+    and a WARNING when the range held no traces."""
+    rows = [rollup_row(window, url_for("flow-run", obj_id=run))
+            for result in results for window, run in zip(result["windows"], result["window_runs"], strict=True)]
+    ranges = ", ".join(r["range"] for r in results)
+    publish_rollup(rows, config.name, ranges)
+    logger = get_run_logger()
+    logger.info("%s: %d windows triaged, %s\n%s", config.name, len(rows), ranges, rollup_text(rows))
+    for result in results:
+        if result.get("warning"):
+            logger.warning(result["warning"])
+
+
+@flow(name="triage", log_prints=True)
+def triage(
+    config: LoopConfig | None = DEFAULT_CONFIG,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    out: str = DEFAULT_OUT,
+    config_block: str | None = None,
+) -> dict[str, Any]:
+    """Triage every window of the source between `start` and `end`.
+
+    Args:
+        config: The loop config: source, window, evaluators, actions, snapshots, spike settings. Its defaults
+            triage the built-in sample traces.
+        start: The first window to triage (UTC). Empty: from the first window of the source; for a LangSmith
+            source, the last closed window.
+        end: Triage the windows that start before this time (UTC). Empty: up to the last window.
+        out: The state directory on the worker: snapshots, ledger, action log and work files.
+        config_block: Name of a LoopConfigBlock to use instead of config (create one under Blocks).
+    """
+    config = validate(resolve_config(config, config_block))
+    result = triage_windows(config, start, end, out)
+    report_rollup(config, [result])
+    return result
 
 
 @flow(name="triage-latest", log_prints=True)
-def triage_latest(config: LoopConfig | None = None, config_block: str | None = None,
+def triage_latest(config: LoopConfig | None = DEFAULT_CONFIG, config_block: str | None = None,
                   out: str = DEFAULT_OUT) -> dict[str, Any]:
-    """The last closed window: the one whose end plus `window.lag` has passed (the hourly schedule's run).
+    """The last closed window: the one whose end plus the window lag has passed (the hourly schedule's run).
 
-    First, the windows of the last `RETRY_WITHIN` whose ledger holds failed or unfinished actions are triaged
-    again (their evaluation comes from the cache; only the actions not sent go out), so a failure is tried again
-    by the next scheduled run, not only by a manual rerun of its window."""
-    loop = resolve_config(config, config_block)
+    First, the windows of the last day whose ledger holds failed or unfinished actions are triaged again (their
+    evaluation comes from the cache; only the actions not sent go out), so a failure is tried again by the next
+    scheduled run, not only by a manual rerun of its window.
+
+    Args:
+        config: The loop config: source, window, evaluators, actions, snapshots, spike settings. Its defaults
+            triage the built-in sample traces.
+        config_block: Name of a LoopConfigBlock to use instead of config (create one under Blocks).
+        out: The state directory on the worker: snapshots, ledger, action log and work files.
+    """
+    loop = validate(resolve_config(config, config_block))
     start, end = window_range(None, None, loop.window.size_delta, loop.window.lag_delta)
     store = open_store(loop.snapshots, Path(out) / "snapshots")
     retried = []
     for window in unfinished_windows(store, loop.name, start - RETRY_WITHIN, start):
         get_run_logger().info("window %s has actions not sent: triaging it again", window.isoformat())
-        retried += triage(config=loop, start=window, end=window + loop.window.size_delta, out=out)["windows"]
-    return {**triage(config=loop, start=start, end=end, out=out), "retried": retried}
+        retried.append(triage_windows(loop, window, window + loop.window.size_delta, out))
+    latest = triage_windows(loop, start, end, out)
+    report_rollup(loop, [*retried, latest])
+    return {**latest, "retried": [w for r in retried for w in r["windows"]]}
 
 
 @flow(name="triage-backfill", log_prints=True)
-def triage_backfill(start: datetime, end: datetime, config: LoopConfig | None = None,
+def triage_backfill(start: datetime, end: datetime, config: LoopConfig | None = DEFAULT_CONFIG,
                     config_block: str | None = None, out: str = DEFAULT_OUT) -> dict[str, Any]:
-    """Every window starting in `[start, end)`, each its own subflow: cached, idempotent and retryable alone."""
+    """Every window starting in the range from start to end, each its own subflow: cached, idempotent and
+    retryable alone.
+
+    Args:
+        start: The first window to triage (UTC).
+        end: Triage the windows that start before this time (UTC).
+        config: The loop config: source, window, evaluators, actions, snapshots, spike settings. Its defaults
+            triage the built-in sample traces.
+        config_block: Name of a LoopConfigBlock to use instead of config (create one under Blocks).
+        out: The state directory on the worker: snapshots, ledger, action log and work files.
+    """
     if start >= end:
         raise ValueError(f"start {start.isoformat()} must be before end {end.isoformat()}")
-    return triage(config=resolve_config(config, config_block), start=start, end=end, out=out)
+    config = validate(resolve_config(config, config_block))
+    result = triage_windows(config, start, end, out)
+    report_rollup(config, [result])
+    return result

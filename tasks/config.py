@@ -6,6 +6,8 @@ Everything is validated before any stage runs; errors name the field and the fix
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 import os
 import re
 from datetime import timedelta
@@ -13,11 +15,24 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$")
+_DURATION_PATTERN = r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$"
+_DURATION = re.compile(_DURATION_PATTERN)
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MAX_WINDOW = timedelta(days=366)  # longer windows (or lags) push window ends past what a datetime holds
+# The same grammar in the JSON schema: Prefect's UI checks `pattern` before it creates a run, so "1 hour" is refused
+# in the form rather than on the worker.
+DURATION_SCHEMA = {"pattern": _DURATION_PATTERN}
 
 
 def parse_duration(text: str | int | float) -> timedelta:
@@ -74,7 +89,8 @@ class SampleSource(_Strict):
 
 class RateLimit(_Strict):
     requests: int = Field(15, ge=1, description="Run-query requests allowed in each `per` period.")
-    per: str = Field("10s", description="The period (LangSmith Cloud allows 15 run queries per 10 s per API key).")
+    per: str = Field("10s", description="The period (LangSmith Cloud allows 15 run queries per 10 s per API key).",
+                     json_schema_extra=DURATION_SCHEMA)
 
     @property
     def per_seconds(self) -> float:
@@ -97,7 +113,7 @@ class LangSmithSource(_Strict):
         "auto", description="'v2' POST /v2/runs/query; 'v1' POST /runs/query for older self-hosted backends; "
                             "'auto' v2 when the backend has it.")
     grace: str = Field("15m", description="Spans starting this long after the window end still complete their "
-                                          "trace (long-running agents need more).")
+                                          "trace (long-running agents need more).", json_schema_extra=DURATION_SCHEMA)
     page_size: int = Field(1000, ge=1, le=1000, description="Runs per v2 page (v1 pages are at most 100).")
     rate_limit: RateLimit = Field(default_factory=RateLimit, description="Client-side pace of run queries.")
     credentials: str | None = Field(None, description="Name of a LangSmithCredentials block; else the "
@@ -121,14 +137,90 @@ class LangSmithSource(_Strict):
         return self
 
 
-Source = Annotated[FileSource | SampleSource | LangSmithSource, Field(discriminator="kind")]
+SOURCE_KINDS: dict[str, type[_Strict]] = {"sample": SampleSource, "file": FileSource, "langsmith": LangSmithSource}
+
+
+def _inline(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    """A property schema with its `$ref` replaced by the definition (the flat form has no definitions of its own)."""
+    if "$ref" not in schema:
+        return schema
+    return {**defs[schema["$ref"].rsplit("/", 1)[-1]], **{k: v for k, v in schema.items() if k != "$ref"}}
+
+
+def source_form_schema() -> dict[str, Any]:
+    """`source` as Prefect's form can render it: one flat object of `kind` and the fields of every kind, each
+    described with the kind it is for. (The union itself, a `oneOf` with a discriminator, renders as a JSON box.)"""
+    properties: dict[str, Any] = {"kind": {
+        "type": "string", "enum": list(SOURCE_KINDS), "default": "sample", "title": "Kind",
+        "description": "sample: the built-in sample traces; file: exported LangSmith run records; langsmith: a "
+                       "LangSmith tracing project. Fill in only the fields for the chosen kind."}}
+    for kind, model in SOURCE_KINDS.items():
+        schema = model.model_json_schema()
+        for name, field in schema["properties"].items():
+            if name == "kind":
+                continue
+            field = _inline(field, schema.get("$defs", {}))
+            branches = field.get("anyOf", [])
+            if field.get("default", ...) is None and len(branches) == 2 and {"type": "null"} in branches:
+                # Optional text: a plain input (left empty, it is omitted) instead of a string-or-null switch.
+                field = {**{k: v for k, v in field.items() if k not in ("anyOf", "default")},
+                         **next(b for b in branches if b != {"type": "null"})}
+            properties[name] = {**field, "description": f"For kind {kind}: {field.get('description', '')}".strip()}
+    return {"type": "object", "title": "Source", "properties": properties, "additionalProperties": False,
+            "description": "Where runs come from. Default: the built-in sample traces."}
+
+
+def source_of_kind(value: Any) -> Any:
+    """A source as the form sends it (every kind's fields, at their defaults) reduced to the fields of its `kind`.
+
+    A field of another kind that holds anything but its default is an error, so a path typed in while `kind` is
+    still `sample` is not silently ignored."""
+    if not isinstance(value, dict) or value.get("kind") not in SOURCE_KINDS:
+        return value
+    kind = value["kind"]
+    own = SOURCE_KINDS[kind].model_fields
+    kept = {}
+    for name, given in value.items():
+        owner = next((k for k, m in SOURCE_KINDS.items() if name in m.model_fields), None)
+        if name in own or owner is None:
+            kept[name] = given  # an unknown field stays, for the "unknown field" error
+            continue
+        default = SOURCE_KINDS[owner].model_fields[name].get_default(call_default_factory=True)
+        if given is None or given == "" or given == default or (
+                isinstance(default, BaseModel) and given == default.model_dump()):
+            continue
+        raise ValueError(f"source.{name} is a field of kind {owner!r}, but source.kind is {kind!r}: set "
+                         f"source.kind to {owner!r} or leave {name} at its default")
+    return kept
+
+
+# How a source is read, not which runs it holds: left out of its identity.
+_READING_FIELDS = {"api", "grace", "page_size", "rate_limit", "credentials"}
+
+
+def source_identity(source: FileSource | SampleSource | LangSmithSource) -> str:
+    """Which runs a source holds, as a short stable id (`file:...`, `langsmith:...`): part of event ids, so two
+    sources triaged under one loop name never collide, while a rerun of the same source repeats its ids."""
+    fields = source.model_dump(mode="json", exclude=_READING_FIELDS)
+    if isinstance(source, FileSource):
+        fields["path"] = str(Path(source.path).expanduser().resolve())
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{source.kind}:{digest}"
+
+
+# Parsed as the discriminated union (the code checks `isinstance(config.source, FileSource)`); shown to Prefect's
+# forms as the flat object.
+Source = Annotated[FileSource | SampleSource | LangSmithSource, Field(discriminator="kind"),
+                   BeforeValidator(source_of_kind), WithJsonSchema(source_form_schema())]
 
 
 class WindowConfig(_Strict):
-    size: str = Field("1h", description="Window length, aligned to the epoch: '15m', '1h', '1d'.")
+    size: str = Field("1h", description="Window length, aligned to the epoch: '15m', '1h', '1d'.",
+                      json_schema_extra=DURATION_SCHEMA)
     lag: str = Field(
         "10m",
         description="A window is final (and cacheable) only this long after its end, for late-arriving spans.",
+        json_schema_extra=DURATION_SCHEMA,
     )
 
     @field_validator("size")
@@ -212,8 +304,8 @@ class CallRetry(_Strict):
 
 class EvaluatorConfig(_Strict):
     key: str = Field(description="Feedback key the scores are recorded under.")
-    ref: str = Field(description="Import path 'package.module:function', 'builtin:<name>', or "
-                                 "'langsmith:feedback/<key>' (the score each run already has in LangSmith).")
+    ref: str = Field(description="Import path 'package.module:function', 'builtin:NAME', or "
+                                 "'langsmith:feedback/KEY' (the score each run already has in LangSmith).")
     threshold: float = Field(0.5, strict=True,  # a quoted "0.5" is a typo to point out, not a number to guess
                              description="Scores below it fail (above it with higher_is_better: false).")
     higher_is_better: bool = True
@@ -391,9 +483,10 @@ class ActionConfig(_Strict):
                                                   "(default https://slack.com/api/).")
     include_io: bool = Field(False, description="For do: slack, show the example traces' inputs and outputs.")
     cooldown: str = Field("1h", description="For when: spike, the spike-free time that ends an episode (and "
-                                            "sends the recovery); a spike within it does not alert again.")
+                                            "sends the recovery); a spike within it does not alert again.",
+                          json_schema_extra=DURATION_SCHEMA)
     event: str | None = Field(None, description="For do: prefect_event, the event name; default "
-                                                "tracetriage.action.<action name>.")
+                                                "tracetriage.action.ACTION-NAME.")
     sample: float = Field(1.0, gt=0, le=1, description="Act on this fraction of the matching traces, chosen by "
                                                        "action id (a rerun chooses the same ones).")
     max_per_window: int | None = Field(None, ge=1, description="Act on at most this many traces per window.")
@@ -442,7 +535,7 @@ class ActionConfig(_Strict):
 class SnapshotConfig(_Strict):
     url: str | None = Field(
         None, description="Where snapshots go: a directory, s3://bucket/prefix or gs://bucket/prefix; "
-                          "defaults to <out>/snapshots."
+                          "defaults to the snapshots folder in the flow's `out` directory."
     )
     storage_options: dict[str, Any] = Field(
         default_factory=dict,
@@ -503,11 +596,14 @@ class LoopConfig(_Strict):
     window: WindowConfig = Field(default_factory=WindowConfig)
     evaluators: list[EvaluatorConfig] = Field(
         default_factory=lambda: default_evaluators(),
-        description="Evaluators; the default is the built-in set tuned to the sample traces.",
+        description="Evaluators; the default is the built-in set tuned to the sample traces. Edit or add to the "
+                    "list: it replaces the default set as a whole.",
+        json_schema_extra=lambda schema: schema.update(default=_form_default(default_evaluators())),
     )
     actions: list[ActionConfig] = Field(
-        default_factory=lambda: [ActionConfig(when=When(failing=True), do="log", name="log-failures")],
-        description="Rules: which traces get which action.",
+        default_factory=lambda: default_actions(),
+        description="Rules: which traces get which action. The default writes each failing trace to the action log.",
+        json_schema_extra=lambda schema: schema.update(default=_form_default(default_actions())),
     )
     snapshots: SnapshotConfig = Field(default_factory=SnapshotConfig)
     spikes: SpikeConfig = Field(default_factory=SpikeConfig)
@@ -572,6 +668,16 @@ class LoopConfig(_Strict):
         action = self.actions[index]
         return action.name or f"{action.do}-{index}"
 
+
+
+def _form_default(models: list[BaseModel]) -> list[dict[str, Any]]:
+    """Defaults as the JSON schema shows them, so a form starts from them instead of an empty list."""
+    return [m.model_dump(mode="json", exclude_defaults=True) for m in models]
+
+
+def default_actions() -> list[ActionConfig]:
+    """Every failing trace to the local action log."""
+    return [ActionConfig(when=When(failing=True), do="log", name="log-failures")]
 
 
 def default_evaluators() -> list[EvaluatorConfig]:

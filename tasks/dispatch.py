@@ -385,6 +385,7 @@ class Sinks:
     slack: dict[str, SlackTarget] = field(default_factory=dict)
     window: dict[str, Any] = field(default_factory=dict)  # the window's summary, for Slack messages
     flow_run_url: str | None = None
+    source: str = ""  # the source's identity (config.source_identity), part of Prefect event ids
 
     def __repr__(self) -> str:
         return f"Sinks(langsmith={self.langsmith is not None}, webhooks={self.webhooks!r}, slack={self.slack!r})"
@@ -513,7 +514,9 @@ def follow_ups(parent: dict[str, Any], rule: ActionConfig, then: list[Any],
     return planned, rules
 
 
-def _prefect_event(rule: ActionConfig, record: dict[str, Any]) -> Outcome:
+def _prefect_event(rule: ActionConfig, record: dict[str, Any], source: str) -> Outcome:
+    """The event's id derives from the action id and the source's identity: a rerun emits the same id (Prefect
+    keeps it once), and two sources under one loop name, whose window actions share an id, do not collide."""
     related = [{"prefect.resource.id": window_resource(record["loop"], record["window_start"])["prefect.resource.id"],
                 "prefect.resource.role": "window"}]
     if record.get("evaluator"):
@@ -525,9 +528,10 @@ def _prefect_event(rule: ActionConfig, record: dict[str, Any]) -> Outcome:
     resource = window_resource(record["loop"], record["window_start"]) if record["trace_id"] is None else {
         "prefect.resource.id": f"tracetriage.run.{record['trace_id']}", "tracetriage.loop": record["loop"],
         "tracetriage.window_start": record["window_start"]}
+    event_id = uuid.uuid5(uuid.UUID(record["action_id"]), f"source/{source}")
     emitted = emit_event(event=rule.event or f"tracetriage.action.{record['action']}", resource=resource,
-                         related=related, payload=_json_safe(record), id=uuid.UUID(record["action_id"]))
-    return ("sent", {"event_id": record["action_id"]}) if emitted else ("failed", "no Prefect API to emit events to")
+                         related=related, payload=_json_safe(record), id=event_id)
+    return ("sent", {"event_id": str(event_id)}) if emitted else ("failed", "no Prefect API to emit events to")
 
 
 def _chunk_size(rule: ActionConfig | None, record: dict[str, Any], total: int) -> int:
@@ -615,7 +619,7 @@ def dispatch_actions(
             text, blocks = message(records, rule, sinks.window, config.name, sinks.flow_run_url, shown)
             return [target.post(text, blocks, idempotency_key(records))] * len(records)
         if do == "prefect_event":
-            return [_prefect_event(rule, r) for r in records]
+            return [_prefect_event(rule, r, sinks.source) for r in records]
         if sinks.langsmith is None:
             return [("failed", "no LangSmith client: set LANGSMITH_API_KEY or source.credentials")] * len(records)
         if do == "annotation_queue":

@@ -58,7 +58,7 @@ def source_path(source: FileSource | SampleSource, out_dir: Path) -> Path:
     if isinstance(source, FileSource):
         path = Path(source.path).expanduser()
         if not path.exists():
-            raise FileNotFoundError(f"source file {path} does not exist; check source.path or --source")
+            raise FileNotFoundError(f"source file {path} does not exist; check source.path")
         return path
     path = out_dir / "sources" / f"sample-{source.traces}-seed{source.seed}-{source.hours}h.jsonl"
     if not path.exists():

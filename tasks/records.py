@@ -421,7 +421,7 @@ def check_records_file(path: str | Path) -> Path:
     """A run-records file that can be read: raises FileNotFoundError or ValueError (naming the fix) otherwise."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"run records file {path} does not exist; check source.path or --source")
+        raise FileNotFoundError(f"run records file {path} does not exist; check source.path")
     if path.is_dir():
         raise ValueError(f"run records file {path} is a directory; give one .jsonl or .parquet file")
     if path.suffix not in RECORD_SUFFIXES:

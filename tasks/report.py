@@ -93,12 +93,17 @@ def trend_table(series: pd.DataFrame, flagged: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index()
 
 
-def format_table(table: pd.DataFrame) -> str:
+def shown_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The trend table as a person reads it: rates as percentages with one decimal."""
     shown = table.copy()
     for column in shown.columns:
         if column not in ("window", "traces", "failing", "spike"):
             shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else f"{v:.1%}")
-    return shown.to_string(index=False)
+    return shown
+
+
+def format_table(table: pd.DataFrame) -> str:
+    return shown_table(table).to_string(index=False)
 
 
 def trend_chart(series: pd.DataFrame, flagged: pd.DataFrame) -> bytes:
@@ -106,27 +111,34 @@ def trend_chart(series: pd.DataFrame, flagged: pd.DataFrame) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.dates as mdates
     import matplotlib.pyplot as plt
 
     overall = series[series["kind"] == "failure_rate"].set_index("window_start")["rate"]
     fig, (rate_ax, modes_ax) = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True, constrained_layout=True)
-    rate_ax.plot(overall.index, overall.to_numpy() * 100, color="#1f5fa8", linewidth=1.4, label="failure rate")
+    rate_ax.plot(overall.index, overall.to_numpy() * 100, color="#1f5fa8", linewidth=1.4, marker="o", markersize=3,
+                 label="failure rate")
     spiked = overall[overall.index.isin(flagged["window_start"])]
-    rate_ax.scatter(spiked.index, spiked.to_numpy() * 100, color="#d62728", zorder=3, s=36, label="spike")
+    if len(spiked):  # a "spike" legend entry when nothing spiked reads as a spike
+        rate_ax.scatter(spiked.index, spiked.to_numpy() * 100, color="#d62728", zorder=3, s=36, label="spike")
     rate_ax.set_ylabel("failing traces (%)")
-    rate_ax.set_ylim(bottom=0)
-    rate_ax.legend(loc="upper left")
+    # Headroom above the highest window, so its point and spike dot are not cut by the frame or hidden by the legend.
+    rate_ax.set_ylim(0, max(float(overall.max()) * 100 * 1.25, 1.0))
+    rate_ax.legend(loc="upper left", framealpha=0.8)
     rate_ax.set_title("Failure rate per window")
     for mode in top_modes(series):
         share = series[series["series"] == mode].set_index("window_start")["rate"].reindex(overall.index).fillna(0)
-        modes_ax.plot(share.index, share.to_numpy() * 100, linewidth=1.2, label=mode_label(mode))
+        modes_ax.plot(share.index, share.to_numpy() * 100, linewidth=1.2, marker="o", markersize=2.5,
+                      label=mode_label(mode))
     for moment in spiked.index:
         for ax in (rate_ax, modes_ax):
             ax.axvline(moment, color="#d62728", alpha=0.25, linewidth=3)
     modes_ax.set_ylabel("share of failures (%)")
-    modes_ax.set_ylim(0, 100)
+    modes_ax.set_ylim(0, 115)  # room above 100% for the legend and the top points
+    modes_ax.set_yticks(range(0, 101, 20))
     modes_ax.set_title("Top failure modes (root causes)")
     modes_ax.legend(loc="upper left", fontsize=8, ncol=2)
+    modes_ax.xaxis.set_major_formatter(mdates.DateFormatter("%b %d %H:%M"))  # every tick with its month and day
     fig.autofmt_xdate()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)

@@ -16,6 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
 from tasks.config import EvaluatorConfig
+from tasks.report import REASONS
 
 TOP = 10
 MIN_LIFT = 1.2
@@ -79,23 +80,18 @@ def summary_text(window: dict[str, Any], top: int = 5) -> str:
         for cause in window["root_causes"][:top]:
             share, span, reason = cause["share"], cause["span_name"], cause["reason"]
             lines.append(f"    {share:6.1%}  {span} ({reason}), {cause['traces']} traces")
-    # Conditions as common among passing traces (lift near 1) are not failure modes; the JSON keeps them all.
-    telling = [p for p in window["patterns"] if p["lift"] is None or p["lift"] >= MIN_LIFT]
+    telling = telling_patterns(window)
     if telling:
         lines.append(f"  failure modes (over-represented among failures, lift >= {MIN_LIFT}):")
         for pattern in telling[:top]:
-            lift = "-" if pattern["lift"] is None else f"{pattern['lift']:.1f}x"
             lines.append(f"    {pattern['fail_share']:6.1%} of failures vs {pattern['pass_share'] or 0:6.1%} of passes "
-                         f"(lift {lift})  {pattern['condition']}"
+                         f"(lift {_lift(pattern)})  {pattern['condition']}"
                          + (f" ({pattern['detail']})" if pattern.get("detail") else ""))
     lines += spike_lines(window.get("spike"))
     a = window["actions"]
-    lines.append(f"  actions: {a['planned']} planned, {a['sent']} sent, {a['skipped_duplicate']} already done, "
-                 f"{a['failed']} failed" + (f", {a['not_sampled']} not sampled" if a.get("not_sampled") else "")
-                 + (f", {a['over_cap']} over the cap" if a.get("over_cap") else ""))
+    lines.append(f"  actions: {actions_line(a)}")
     if a.get("ledger_damaged"):
-        lines.append(f"    LEDGER DAMAGED: {a['ledger_damaged']} entries could not be read; what they may hide "
-                     "was sent again under its first idempotency keys (see docs/reliability.md)")
+        lines.append(f"    {ledger_damaged_line(a)}")
     for action, failure in (a.get("failures") or {}).items():
         lines.append(f"    FAILED {action}: {failure['count']} actions, e.g. {failure['error']} "
                      "(tried again on the next run)")
@@ -140,30 +136,122 @@ def md(value: Any, code: bool = False) -> str:
     text = str(value)
     if not code:
         return _PUNCTUATION.sub(r"\\\1", text)
-    fence = _fence(text, 1)
+    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
     return f"{fence} {text} {fence}" if "`" in text else f"`{text}`"
 
 
-def _fence(text: str, least: int) -> str:
-    return "`" * max(least, max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+def trace_text(value: Any, code: bool = False) -> str:
+    """Text that comes from the traces or config (span names, conditions, metadata values, ids) as the markdown
+    shows it: on one line, so a newline in a span name cannot break a list item or a table row, and escaped."""
+    return md(" ".join(str(value).split()), code=code)
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def _lift(pattern: dict[str, Any]) -> str:
+    return "-" if pattern["lift"] is None else f"{pattern['lift']:.1f}x"
+
+
+def _cause_label(cause: dict[str, Any]) -> str:
+    return f"{cause['span_name']} ({REASONS.get(cause['reason'], cause['reason'])})"
+
+
+def _condition(pattern: dict[str, Any]) -> str:
+    detail = f" ({pattern['detail']})" if pattern.get("detail") else ""
+    return trace_text(f"{pattern['condition']}{detail}")
+
+
+def telling_patterns(window: dict[str, Any]) -> list[dict[str, Any]]:
+    """The failure modes: patterns over-represented among failures (lift >= MIN_LIFT, or no passing trace to
+    compare with). A condition as common among passes (lift near 1) is not a failure mode; the JSON and the
+    snapshot keep every pattern."""
+    return [p for p in window["patterns"] if p["lift"] is None or p["lift"] >= MIN_LIFT]
+
+
+def actions_line(actions: dict[str, Any]) -> str:
+    return (f"{actions['planned']} planned, {actions['sent']} sent, {actions['skipped_duplicate']} already done, "
+            f"{actions['failed']} failed" + (f", {actions['not_sampled']} not sampled" if actions.get("not_sampled")
+                                             else "")
+            + (f", {actions['over_cap']} over the cap" if actions.get("over_cap") else ""))
+
+
+def ledger_damaged_line(actions: dict[str, Any]) -> str:
+    return (f"LEDGER DAMAGED: {actions['ledger_damaged']} entries could not be read; what they may hide was sent "
+            "again under its first idempotency keys (see docs/reliability.md)")
 
 
 def summary_markdown(window: dict[str, Any]) -> str:
-    text = summary_text(window, top=TOP)  # in a code block, so trace text shows as text
-    lines = [f"# Triage of {md(window['window_start'])}", "", _fence(text, 3), text, _fence(text, 3), ""]
+    """The window's summary in markdown that wraps (no code block): counts, evaluators, root causes, failure modes,
+    spike, actions and example traces. Every text from traces or config is escaped."""
+    failing, traces = window["failing_traces"], window["traces"]
+    lines = [f"# Triage of {window['window_start']} .. {window['window_end']}", "",
+             f"**{traces}** traces, {window['spans']} spans, **{failing} failing "
+             f"({_percent(failing / traces if traces else 0.0)})**, {window['skipped_records']} records skipped.", "",
+             "| evaluator | threshold | pass | fail | error |", "| --- | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {trace_text(key)} | {v['threshold']} | {v['pass']} | {v['fail']} | {v['error']} |"
+              for key, v in window["evaluators"].items()]
     if window["root_causes"]:
-        lines += ["## Example failing traces", ""]
+        lines += ["", "## Root causes", ""]
+        lines += [f"- **{_percent(c['share'])}** {trace_text(_cause_label(c))}, {c['traces']} traces"
+                  for c in window["root_causes"][:TOP]]
+    telling = telling_patterns(window)
+    if telling:
+        lines += ["", f"## Failure modes (lift at least {MIN_LIFT})", ""]
+        lines += [f"- **{_percent(p['fail_share'])}** of failures vs {_percent(p['pass_share'] or 0.0)} of passes "
+                  f"(lift {_lift(p)}): {_condition(p)}" for p in telling[:TOP]]
+    spike = spike_lines(window.get("spike"))
+    if spike:
+        lines += ["", "## Spike", ""] + [f"- {trace_text(line)}" for line in spike]
+    lines += ["", "## Actions", "", f"- {actions_line(window['actions'])}"]
+    if window["actions"].get("ledger_damaged"):
+        lines.append(f"- {ledger_damaged_line(window['actions'])}")
+    lines += [f"- FAILED {trace_text(action)}: {f['count']} actions, e.g. {trace_text(f['error'])} "
+              "(tried again on the next run)" for action, f in (window["actions"].get("failures") or {}).items()]
+    if window["root_causes"]:
+        lines += ["", "## Example failing traces", ""]
         for cause in window["root_causes"][:TOP]:
             urls = cause.get("example_trace_urls") or [None] * len(cause["example_trace_ids"])
-            ids = ", ".join(f"[{md(t, code=True)}]({quote(u, safe=':/?&=#%')})" if u else md(t, code=True)
+            ids = ", ".join(f"[{trace_text(t, code=True)}]({quote(u, safe=':/?&=#%')})" if u
+                            else trace_text(t, code=True)
                             for t, u in zip(cause["example_trace_ids"], urls, strict=True))
-            lines.append(f"- **{md(cause['span_name'])}** ({cause['reason']}): {ids}")
-    lines += ["", f"Snapshot: {md(window['snapshot_uri'])}"]
+            lines.append(f"- **{trace_text(_cause_label(cause))}**: {ids}")
+    lines += ["", f"Snapshot: {trace_text(window['snapshot_uri'], code=True)}"]
     return "\n".join(lines)
 
 
-def _artifact_key(window_start: str) -> str:
-    return "".join(ch if ch.isalnum() else "-" for ch in window_start.lower())[:40].strip("-")
+def artifact_key(*parts: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits, dashes) of the loop and what the artifact is about, so
+    two loops on one server never overwrite each other's artifacts."""
+    slug = "".join(ch if ch.isalnum() else "-" for ch in "-".join(parts).lower())
+    return "-".join(part for part in slug.split("-") if part)
+
+
+def patterns_rows(window: dict[str, Any]) -> list[dict[str, Any]]:
+    """The patterns table as a person reads it: the failure modes only, percentages, four narrow columns."""
+    return [{"failure mode": _condition(p), "of failures": _percent(p["fail_share"]),
+             "of passes": _percent(p["pass_share"] or 0.0), "lift": _lift(p)} for p in telling_patterns(window)[:TOP]]
+
+
+def rollup_row(window: dict[str, Any], run_url: str | None) -> dict[str, Any]:
+    """One window in the roll-up of the run a person started."""
+    traces, failing = window["traces"], window["failing_traces"]
+    cause = window["root_causes"][0] if window["root_causes"] else None
+    spike = window.get("spike")
+    return {"window": window["window_start"][:16].replace("T", " "), "traces": traces,
+            "failing": _percent(failing / traces if traces else 0.0),
+            "top root cause": f"{_cause_label(cause)} {_percent(cause['share'])}" if cause else "none",
+            "spike": ", ".join(s["series"] for s in spike["series"] + spike["new_failure_modes"]) if spike else "no",
+            "actions": f"{window['actions']['sent']} sent, {window['actions']['failed']} failed",
+            "run": run_url or ""}
+
+
+def rollup_text(rows: list[dict[str, Any]]) -> str:
+    """The roll-up as the run's last log lines show it."""
+    if not rows:
+        return "no windows triaged"
+    return pd.DataFrame(rows).to_string(index=False)
 
 
 def window_resource(loop: str, window_start: str) -> dict[str, str]:
@@ -173,13 +261,14 @@ def window_resource(loop: str, window_start: str) -> dict[str, str]:
             "tracetriage.window_start": window_start}
 
 
-def window_events(window: dict[str, Any], loop: str) -> list[dict[str, Any]]:
+def window_events(window: dict[str, Any], loop: str, source: str) -> list[dict[str, Any]]:
     """Prefect events for a triaged window, and for its spike: what Automations trigger on.
 
-    Ids are uuid5 of loop, window and event, so a rerun repeats the same event and Prefect keeps it once.
+    Ids are uuid5 of the source's identity, loop, window and event: a rerun repeats the same event and Prefect
+    keeps it once, while two sources triaged under one loop name never drop each other's events.
     """
     start = window["window_start"]
-    resource = window_resource(loop, start)
+    resource = {**window_resource(loop, start), "tracetriage.source": source}
     evaluators = [{"prefect.resource.id": f"tracetriage.evaluator.{key}", "prefect.resource.role": "evaluator"}
                   for key in window["evaluators"]]
     rate = window["failing_traces"] / window["traces"] if window["traces"] else 0.0
@@ -194,17 +283,29 @@ def window_events(window: dict[str, Any], loop: str) -> list[dict[str, Any]]:
                                     "prefect.resource.role": "pattern" if name.startswith(("pattern:", "root_cause:"))
                                     else "evaluator"} for name in spiked]})
     for event in events:
-        event["id"] = uuid.uuid5(uuid.NAMESPACE_URL, f"tracetriage/{loop}/{start}/{event['event']}")
+        event["id"] = uuid.uuid5(uuid.NAMESPACE_URL, f"tracetriage/{source}/{loop}/{start}/{event['event']}")
     return events
 
 
 @task(name="publish-artifacts", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
-def publish_artifacts(window: dict[str, Any], loop: str = "tracetriage") -> None:
-    for event in window_events(window, loop):
+def publish_artifacts(window: dict[str, Any], loop: str, source: str) -> None:
+    for event in window_events(window, loop, source):
         emit_event(**event)
-    key = _artifact_key(window["window_start"])
-    rows = [{k: v for k, v in p.items() if k != "example_trace_ids"} for p in window["patterns"][:TOP]]
-    create_table_artifact(table=rows or [{"condition": "no failures"}], key=f"patterns-{key}",
-                          description=f"Top failure patterns, window {window['window_start']}")
-    create_markdown_artifact(markdown=summary_markdown(window), key=f"summary-{key}",
-                             description=f"Triage summary, window {window['window_start']}")
+    start = window["window_start"]
+    rows = patterns_rows(window)
+    hidden = len(window["patterns"]) - len(telling_patterns(window))
+    create_table_artifact(
+        table=rows or [{"failure mode": "none over-represented among failures"}],
+        key=artifact_key(loop, "patterns", start),
+        description=f"{loop}: top failure modes, window {start} (lift at least {MIN_LIFT}; {hidden} patterns as "
+                    f"common among passes are hidden, the snapshot's patterns table has them all)")
+    create_markdown_artifact(markdown=summary_markdown(window), key=artifact_key(loop, "summary", start),
+                             description=f"{loop}: triage summary, window {start}")
+
+
+@task(name="publish-rollup", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def publish_rollup(rows: list[dict[str, Any]], loop: str, period: str) -> None:
+    """The roll-up table on the run a person started: one row per window, with a link to the window's run."""
+    linked = [{**row, "run": f"[open]({row['run']})" if row["run"] else ""} for row in rows]  # cells are markdown
+    create_table_artifact(table=linked or [{"window": "none", "traces": 0}], key=artifact_key(loop, "rollup"),
+                          description=f"{loop}: {len(rows)} windows triaged, {period}")

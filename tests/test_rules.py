@@ -93,7 +93,7 @@ def test_a_prefect_event_action_emits_one_event_per_matched_trace_with_the_actio
     while len(events()) < len(sent) and time.monotonic() < deadline:
         time.sleep(0.5)  # the server writes events in the background
     found = events()
-    assert {e["id"] for e in found} == {r["action_id"] for r in sent}
+    assert {e["id"] for e in found} == {r["response"]["event_id"] for r in sent}  # derived from the action ids
     assert all(e["payload"]["culprit_span"] == "lookup_order" for e in found)
     assert all({"window", "span"} <= {r["prefect.resource.role"] for r in e["related"]} for e in found)
 

@@ -239,7 +239,7 @@ def test_trend_report_flow_publishes_the_table_and_chart(history, tmp_path):
     assert Path(result["chart"]).read_bytes()[:4] == b"\x89PNG"
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    wanted = ["trend-table", "trend-report"]
+    wanted = ["history-trend-table", "history-trend-report"]  # keyed by the loop, so loops never overwrite
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=wanted)))
     keys = {a.key for a in found}
