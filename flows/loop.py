@@ -133,8 +133,11 @@ def loop_config(
         runs = LangSmithSource(project=None if experiment else project_name, experiment=experiment,
                                credentials=credentials)
     try:
+        # Evaluators registered here are evaluated here: no worker processes to start for them.
+        in_process = any(e.ref.startswith("python:") for e in configs)
         config = LoopConfig(name=_loop_name(name or project_name or experiment), source=runs,
-                            window={"size": window}, evaluators=configs, actions=actions)
+                            window={"size": window}, evaluators=configs, actions=actions,
+                            eval_workers=1 if in_process else 0)
     except ValueError as exc:
         raise FeedbackLoopError(" ".join(str(exc).split())) from None
     return config, callables

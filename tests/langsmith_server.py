@@ -4,8 +4,9 @@
         project_id = server.add_project("sample", generate_traces(50).records)
         client = langsmith.Client(api_url=server.url, api_key="k")
 
-It serves the endpoints the pipeline uses (v1 and v2 run queries with cursors, feedback, annotation
-queues, datasets/examples, `/info`), under the bare paths the classic `Client` uses, the `/api/v1`
+It serves the endpoints the pipeline uses (v1 and v2 run queries with cursors, feedback with its
+per-run `feedback_stats` select, annotation queues, datasets/examples listed by ids, experiments (projects
+with a `reference_dataset_id`), `/info`), under the bare paths the classic `Client` uses, the `/api/v1`
 paths of the spec, and `/api/v2` or `/v2` for the generated v2 client. Every JSON request and response
 body is validated against the official OpenAPI spec; what fails lands in `server.violations`.
 It can also add latency, inject 429/5xx/dropped connections (before any side effect, so a retrying
