@@ -182,6 +182,9 @@ def source_of_kind(value: Any) -> Any:
     kept = {}
     for name, given in value.items():
         owner = next((k for k, m in SOURCE_KINDS.items() if name in m.model_fields), None)
+        if name in own and given == "" and own[name].default is None:
+            kept[name] = None  # an optional text field the form left empty
+            continue
         if name in own or owner is None:
             kept[name] = given  # an unknown field stays, for the "unknown field" error
             continue

@@ -306,6 +306,6 @@ def publish_artifacts(window: dict[str, Any], loop: str, source: str) -> None:
 @task(name="publish-rollup", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
 def publish_rollup(rows: list[dict[str, Any]], loop: str, period: str) -> None:
     """The roll-up table on the run a person started: one row per window, with a link to the window's run."""
-    linked = [{**row, "run": f"[open]({row['run']})" if row["run"] else ""} for row in rows]  # cells are markdown
-    create_table_artifact(table=linked or [{"window": "none", "traces": 0}], key=artifact_key(loop, "rollup"),
+    # A plain URL: the v1 UI links it; v2 shows table cells as text (a markdown link would show raw there).
+    create_table_artifact(table=rows or [{"window": "none", "traces": 0}], key=artifact_key(loop, "rollup"),
                           description=f"{loop}: {len(rows)} windows triaged, {period}")

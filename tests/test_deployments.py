@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -187,7 +188,8 @@ def assert_rollup_on_the_run(api: str, run: dict, loop: str, windows: int) -> No
         "any_": [run["state_details"]["flow_run_id"]]}}})
     children = [c for c in children if c["name"].startswith("window ")]
     assert sorted(c["name"] for c in children) == [f"window {row['window']}" for row in rows]
-    assert {row["run"].rsplit("/", 1)[-1] for row in rows} == {c["id"] for c in children}
+    assert {re.fullmatch(r"http://.+/runs/flow-run/([0-9a-f-]+)", row["run"])[1] for row in rows} == \
+        {c["id"] for c in children}
 
 
 def test_the_deployments_parameter_forms_render_with_their_defaults(deployed):

@@ -53,6 +53,9 @@ def test_source_is_one_flat_object_in_the_form_and_parses_to_the_kind_chosen(tmp
     sent = {name: field["default"] for name, field in form["properties"].items() if "default" in field}
     config = LoopConfig.model_validate({"source": {**sent, "kind": "file", "path": "runs.jsonl"}})
     assert config.source == FileSource(path="runs.jsonl")
+    typed = LoopConfig.model_validate({"source": {**sent, "kind": "langsmith", "project": "support", "filter": "",
+                                                  "path": ""}})
+    assert typed.source.project == "support" and typed.source.filter is None  # empty text is no value
     with pytest.raises(ConfigError, match=r"source: source.path is a field of kind 'file', but source.kind is "
                                           r"'sample'"):
         load_config(data={"source": {**sent, "path": "runs.jsonl"}})
