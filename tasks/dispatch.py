@@ -365,7 +365,8 @@ class DispatchCounts:
     ledger_damaged: int = 0  # unreadable ledger entries: the sends they may hide were repeated under their first keys
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        """The counts; `ledger_damaged` only when there was damage to report."""
+        return {k: v for k, v in self.__dict__.items() if k != "ledger_damaged" or v}
 
     def add_failed(self, action: str, error: Any, count: int = 1) -> None:
         self.failed += count
