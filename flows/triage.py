@@ -31,7 +31,7 @@ from tasks.schemas import ATTRIBUTION, PATTERNS, ROOT_CAUSES, SCHEMA_VERSION, WI
 from tasks.scoring import bind_all, metadata_path
 from tasks.slack import slack_target
 from tasks.snapshot import open_store, snapshot_task, spans_snapshot
-from tasks.summary import publish_artifacts, summary_text, window_summary
+from tasks.summary import publish_artifacts, skipped_text, summary_text, window_summary
 from tasks.trends import spike_task, window_series
 from tasks.webhook import Webhooks, webhook_secret
 from tasks.writeback import LangSmithWriter
@@ -202,8 +202,8 @@ def triage(
     )
     windows = [w for w in fetched.windows if (start is None or w.window_start >= start)
                and (end is None or w.window_start < end)]
-    logger.info("%d windows of %s to triage (%d records skipped while reading)",
-                len(windows), source_file, sum(v["count"] for v in fetched.skipped.values()))
+    logger.info("%d windows of %s to triage; %s", len(windows), source_file,
+                skipped_text(fetched.skipped) or "no records skipped")
     window_flow = triage_window.with_options(task_runner=task_runner(config.runner))
     results = [window_flow(config, window, source_token, out, trace_url) for window in windows]
     return {"source": str(source_file), "skipped": fetched.skipped, "windows": results}
