@@ -12,7 +12,6 @@ receivers see the same `Idempotency-Key`.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import inspect
 import logging
@@ -42,7 +41,7 @@ from tasks.progress import report
 from tasks.records import RecordFile
 from tasks.scoring import RunRows, records_path
 from tasks.slack import SlackTarget, message, slack_target
-from tasks.snapshot import PREFIX, SnapshotStore, partition_name, partition_start
+from tasks.snapshot import PREFIX, SnapshotStore, not_disk_full, partition_name, partition_start
 from tasks.summary import window_resource
 from tasks.trends import episode_event, recent_windows
 from tasks.webhook import Webhooks, idempotency_key
@@ -62,18 +61,6 @@ def action_id(loop: str, window_start: datetime, run_id: str, action: str) -> st
 
 log = logging.getLogger("tracetriage.dispatch")
 LEDGER_STATES = ("planned", "sent", "failed")
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
-
-
-def not_disk_full(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect retry condition: a full (or read-only) disk stays full for the seconds a retry waits."""
-    try:
-        state.result()
-    except OSError as exc:
-        return exc.errno not in DISK_FULL
-    except Exception:  # noqa: BLE001 - any other failure is worth the retry
-        return True
-    return False
 
 
 def _append_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
