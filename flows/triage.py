@@ -32,7 +32,15 @@ from tasks.schemas import ATTRIBUTION, PATTERNS, ROOT_CAUSES, SCHEMA_VERSION, WI
 from tasks.scoring import EvaluationSettings, bind_all, metadata_path
 from tasks.slack import slack_target
 from tasks.snapshot import open_store, snapshot_task, spans_snapshot
-from tasks.summary import publish_artifacts, publish_rollup, rollup_row, rollup_text, summary_text, window_summary
+from tasks.summary import (
+    publish_artifacts,
+    publish_rollup,
+    rollup_row,
+    rollup_text,
+    skipped_text,
+    summary_text,
+    window_summary,
+)
 from tasks.trends import spike_task, window_series
 from tasks.webhook import Webhooks, webhook_secret
 from tasks.writeback import LangSmithWriter
@@ -220,8 +228,8 @@ def triage_windows(config: LoopConfig, start: datetime | None, end: datetime | N
     )
     windows = [w for w in fetched.windows if (start is None or w.window_start >= start)
                and (end is None or w.window_start < end)]
-    logger.info("%d windows of %s to triage (%d records skipped while reading)",
-                len(windows), source_file, sum(v["count"] for v in fetched.skipped.values()))
+    logger.info("%d windows of %s to triage; %s", len(windows), source_file,
+                skipped_text(fetched.skipped) or "no records skipped")
     window_flow = triage_window.with_options(task_runner=task_runner(config.runner))
     states = [window_flow(config, window, source_token, out, trace_url, return_state=True) for window in windows]
     result = {"source": str(source_file), "skipped": fetched.skipped, "windows": [s.result() for s in states],

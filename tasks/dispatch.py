@@ -12,7 +12,6 @@ receivers see the same `Idempotency-Key`.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import inspect
 import logging
@@ -44,7 +43,7 @@ from tasks.records import RecordFile
 from tasks.run_tree import grown
 from tasks.scoring import RunRows, records_path
 from tasks.slack import SlackTarget, message, slack_target
-from tasks.snapshot import PREFIX, SnapshotStore, partition_name, partition_start
+from tasks.snapshot import PREFIX, SnapshotStore, not_disk_full, partition_name, partition_start
 from tasks.summary import window_resource
 from tasks.trends import episode_event, recent_windows
 from tasks.webhook import Webhooks, idempotency_key, webhook_secret
@@ -64,18 +63,6 @@ def action_id(loop: str, window_start: datetime, run_id: str, action: str) -> st
 
 log = logging.getLogger("tracetriage.dispatch")
 LEDGER_STATES = ("planned", "sent", "failed")
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
-
-
-def not_disk_full(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect retry condition: a full (or read-only) disk stays full for the seconds a retry waits."""
-    try:
-        state.result()
-    except OSError as exc:
-        return exc.errno not in DISK_FULL
-    except Exception:  # noqa: BLE001 - any other failure is worth the retry
-        return True
-    return False
 
 
 def _append_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -96,9 +83,10 @@ def _warn(message: str, *args: Any) -> None:
     run_logger(log).warning(message, *args)
 
 
-def _jsonl_rows(data: bytes, origin: str, key: str = "action_id") -> tuple[list[dict[str, Any]], int]:
-    """The entries of a JSONL object (each a JSON object with a string `key`), and how many lines were not: those
-    are skipped with a warning naming `origin` and the line, never a crash."""
+def _jsonl_rows(data: bytes, origin: str, ledger: bool = False) -> tuple[list[dict[str, Any]], int]:
+    """The entries of a JSONL object (each a JSON object with a string `action_id`, and for the `ledger` a known
+    `state`), and how many lines were not: those are skipped with a warning naming `origin` and the line, never a
+    crash."""
     rows, bad = [], 0
     for number, line in enumerate(data.split(b"\n"), start=1):
         if not line.strip():
@@ -107,16 +95,14 @@ def _jsonl_rows(data: bytes, origin: str, key: str = "action_id") -> tuple[list[
             row = orjson.loads(line)
         except orjson.JSONDecodeError:
             row = None
-        if isinstance(row, dict) and isinstance(row.get(key), str):
+        if isinstance(row, dict) and isinstance(row.get("action_id"), str) and (
+                not ledger or row.get("state") in LEDGER_STATES):
             rows.append(row)
             continue
         bad += 1
-        _warn("skipped line %d of %s: not an entry (a JSON object with %r): %.80r", number, origin, key, line)
+        _warn("skipped line %d of %s: not an entry (a JSON object with an action_id%s): %.80r", number, origin,
+              f" and a state of {', '.join(LEDGER_STATES)}" if ledger else "", line)
     return rows, bad
-
-
-def _valid_entry(row: dict[str, Any]) -> bool:
-    return row.get("state") in LEDGER_STATES
 
 
 class Ledger:
@@ -138,12 +124,12 @@ class Ledger:
         self.damaged = 0  # unreadable entries: an action among them may have been sent
         for name, data in store.objects(self.directory):
             self.segments.append(name)
-            rows, bad = _jsonl_rows(data, f"{store.url}/{self.directory}/{name}")
+            rows, bad = _jsonl_rows(data, f"{store.url}/{self.directory}/{name}", ledger=True)
             if not data.endswith(b"\n"):
                 bad += 1  # cut short: entries after the cut are gone, though the last line may parse
                 _warn("ledger segment %s/%s/%s is cut short", store.url, self.directory, name)
-            self.damaged += bad + sum(not _valid_entry(row) for row in rows)
-            for row in filter(_valid_entry, rows):
+            self.damaged += bad
+            for row in rows:
                 if self.state(row["action_id"]) != "sent":  # sent is final, whatever order clocks gave segments
                     self.last[row["action_id"]] = row
         self.written = 0
@@ -190,7 +176,7 @@ def read_ledger(store: SnapshotStore, loop: str) -> list[dict[str, Any]]:
     rows = []
     for window in store.listing(f"{LEDGER_DIR}/{loop}"):
         for name, data in store.objects(f"{LEDGER_DIR}/{loop}/{window}"):
-            rows += filter(_valid_entry, _jsonl_rows(data, f"{store.url}/{LEDGER_DIR}/{loop}/{window}/{name}")[0])
+            rows += _jsonl_rows(data, f"{store.url}/{LEDGER_DIR}/{loop}/{window}/{name}", ledger=True)[0]
     return rows
 
 
@@ -367,7 +353,8 @@ class DispatchCounts:
     ledger_damaged: int = 0  # unreadable ledger entries: the sends they may hide were repeated under their first keys
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        """The counts; `ledger_damaged` only when there was damage to report."""
+        return {k: v for k, v in self.__dict__.items() if k != "ledger_damaged" or v}
 
     def add_failed(self, action: str, error: Any, count: int = 1) -> None:
         self.failed += count

@@ -127,7 +127,8 @@ class DispatchLease:
         return f"{self.directory}/{epoch:012d}.json"
 
     def _epochs(self) -> list[int]:
-        return sorted(int(name.split(".")[0]) for name in self.store.listing(self.directory) if name.endswith(".json"))
+        return sorted(int(name.removesuffix(".json")) for name in self.store.listing(self.directory)
+                      if name.endswith(".json") and name.removesuffix(".json").isdigit())  # not stray files
 
     def _claim(self, epoch: int, released: bool = False) -> bool:
         if released:

@@ -11,6 +11,7 @@ versions included (see `tasks.schemas`).
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 import uuid
@@ -33,6 +34,20 @@ from tasks.schemas import SCHEMA_VERSION, SNAPSHOT_TABLES, SPANS_SNAPSHOT
 PART = "part-0.parquet"
 PREFIX = "window_start="
 STALE_TMP_SECONDS = 600
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def not_disk_full(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect retry condition: a full (or read-only) disk stays full for the seconds a retry waits."""
+    try:
+        state.result()
+    except OSError as exc:
+        return exc.errno not in DISK_FULL
+    except Exception:  # noqa: BLE001 - any other failure is worth the retry
+        return True
+    return False
 
 
 def partition_name(window_start: datetime) -> str:
@@ -252,6 +267,7 @@ def read_table(root: str | SnapshotStore, table_name: str) -> pa.Table:
     return store.read(table_name)
 
 
-@task(name="snapshot", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2))
+@task(name="snapshot", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2),
+      retry_condition_fn=not_disk_full)
 def snapshot_task(store: SnapshotStore, window_start: datetime, tables: dict[str, pa.Table]) -> str:
     return write_snapshot(store, window_start, tables)

@@ -184,3 +184,18 @@ def test_a_read_only_out_is_exit_2_with_one_line(tmp_path, capsys):
                f"tracetriage: --out {out / 'triage'} is not writable: Read-only file system"
     finally:
         subprocess.run(["umount", str(out)], check=True)
+
+
+def test_trace_text_in_the_markdown_summary_shows_as_text_never_as_html_links_or_mentions(tmp_path, capsys):
+    from markdown_it import MarkdownIt
+
+    from tasks.summary import summary_markdown
+
+    hostile = "<img src=x onerror=alert(1)>[click](https://evil.example)<!channel>*```"
+    lines = [line.replace(b'"name":"lookup_order"', b'"name":' + orjson.dumps(hostile)) for line in _lines(tmp_path)]
+    assert _run(tmp_path, _write(tmp_path / "runs.jsonl", lines), "--json") == 0
+    (window,) = json.loads(capsys.readouterr().out)["windows"]
+    assert any(cause["span_name"] == hostile for cause in window["root_causes"])
+    html = MarkdownIt("commonmark").render(summary_markdown(window))
+    assert "<img" not in html and "<a " not in html and "<!channel>" not in html and "<em>" not in html
+    assert "&lt;img src=x onerror=alert(1)&gt;[click](https://evil.example)&lt;!channel&gt;*```" in html

@@ -175,16 +175,19 @@ def test_a_cut_ledger_segment_sends_again_only_under_the_idempotency_keys_receiv
     assert ledger.damaged == 0 and sum(r["state"] == "sent" for r in ledger.last.values()) == window["failing_traces"]
 
 
-@pytest.mark.parametrize("damage", ["deleted", "truncated"])
-def test_a_missing_or_truncated_work_file_is_rebuilt(source, tmp_path, capsys, damage):
+@pytest.mark.parametrize(("files", "damage"), [("window", "deleted"), ("window", "truncated"), ("scores", "deleted"),
+                                              ("scores", "truncated")])
+def test_a_missing_or_truncated_work_file_is_rebuilt(source, tmp_path, capsys, files, damage):
     out = tmp_path / "out"
     assert _run(tmp_path, source, out) == 0
     before = json.loads(capsys.readouterr().out)
-    for window_file in out.glob("work/sources/*/window-*.parquet"):
+    damaged = list(out.glob(f"work/sources/*/{files}-*.parquet"))
+    assert damaged
+    for work_file in damaged:
         if damage == "deleted":
-            window_file.unlink()
+            work_file.unlink()
         else:
-            window_file.write_bytes(window_file.read_bytes()[:100])
+            work_file.write_bytes(work_file.read_bytes()[:100])
     assert _run(tmp_path, source, out) == 0
     after = json.loads(capsys.readouterr().out)
     assert [w["traces"] for w in after["windows"]] == [w["traces"] for w in before["windows"]]
