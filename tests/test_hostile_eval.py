@@ -4,6 +4,7 @@ bloating worker processes, and the flow's process being stopped or killed. Each 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -158,35 +160,35 @@ def _kill(pids: list[int]) -> None:
             pass
 
 
-def test_sigterm_ends_a_run_with_a_hung_evaluator_within_seconds(tmp_path):
+@contextlib.contextmanager
+def _run_with_a_hung_evaluator(tmp_path: Path) -> Iterator[tuple[subprocess.Popen, list[int]]]:
+    """`tracetriage run` with two evaluation workers stuck in an evaluator; yields it and the workers' pids, and
+    ends what is left of it afterwards (its Prefect API server included)."""
     evaluator = {"key": "hung", "ref": "tests.test_hostile_eval:sleeps_an_hour", "timeout": 600}
     process, out = _start_cli(tmp_path, evaluator, eval_workers=2)
-    children = []
+    children: list[int] = []
     try:
         workers = _workers_in_flight(process, out)
         children = _end_children(process.pid)
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=20)
-        assert process.returncode != 0
-        assert all(_gone(pid, 10) for pid in workers)
+        yield process, workers
     finally:
         process.kill()
         _kill(children)
+
+
+def test_sigterm_ends_a_run_with_a_hung_evaluator_within_seconds(tmp_path):
+    with _run_with_a_hung_evaluator(tmp_path) as (process, workers):
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=20)
+        assert process.returncode == -signal.SIGTERM
+        assert all(_gone(pid, 10) for pid in workers)
 
 
 def test_evaluation_workers_die_with_their_parent_on_kill_9(tmp_path):
-    evaluator = {"key": "hung", "ref": "tests.test_hostile_eval:sleeps_an_hour", "timeout": 600}
-    process, out = _start_cli(tmp_path, evaluator, eval_workers=2)
-    children = []
-    try:
-        workers = _workers_in_flight(process, out)
-        children = _end_children(process.pid)
+    with _run_with_a_hung_evaluator(tmp_path) as (process, workers):
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=10)
         assert all(_gone(pid, 10) for pid in workers)
-    finally:
-        process.kill()
-        _kill(children)
 
 
 # --- #3 scores that are no numbers, or outside the range ------------------------------------------------
