@@ -72,7 +72,7 @@ def _run(config: dict, source: Path, out: Path) -> tuple[float, dict, PeakRSS]:
     config_path = out.parent / f"{out.name}.yaml"
     config_path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_LOGGING_LEVEL": "WARNING"}
+           "PREFECT_LOGGING_LEVEL": "WARNING", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
     with PeakRSS() as memory:
         start = time.perf_counter()
         done = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--config", str(config_path), "--source",

@@ -5,17 +5,22 @@ The scoring itself is `tasks/scoring.py`, which the worker processes import.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import multiprocessing
 import os
 import re
+import select
 import signal
 import sys
 import threading
+import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from prefect import task
 from prefect.tasks import exponential_backoff
@@ -36,26 +41,76 @@ class EvaluationWorkerDied(RuntimeError):
 
 
 def _die_with_parent(flow_pid: int) -> None:
-    """Worker initializer: the kernel kills this worker when its parent (the forkserver) ends, and the forkserver
-    ends when the flow's process does (its pipe closes), so no worker outlives a `kill -9` of the flow."""
-    try:
+    """Worker initializer: this worker ends when the flow's process does, even by `kill -9`.
+
+    The worker's parent is the forkserver, which stays up while any worker holds its "alive" pipe, so waiting
+    for the forkserver would wait forever: a daemon thread waits on a pidfd of the flow's process instead, and
+    PR_SET_PDEATHSIG covers the forkserver's own death.
+    """
+    with contextlib.suppress(OSError, AttributeError):  # prctl is Linux's
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: the forkserver's pipe still ends idle workers
-        return
     try:
-        os.kill(flow_pid, 0)
-    except ProcessLookupError:  # the flow died before prctl took effect
+        flow = os.pidfd_open(flow_pid)
+    except ProcessLookupError:  # the flow died before this worker started
         os._exit(1)
+    except (OSError, AttributeError):  # no pidfd (old kernel, not Linux): poll the pid instead
+        flow = None
+
+    def watch() -> None:
+        if flow is not None:
+            select.select([flow], [], [])
+        else:
+            while _alive(flow_pid):
+                time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="flow-watchdog", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _stop_evaluations() -> None:
-    """At interpreter shutdown (the flow ended, by SIGTERM included): give up in-flight evaluations at once.
-
-    Runs before the thread pools join their threads, which would otherwise wait for a hung evaluator.
-    """
+    """Give up in-flight evaluations at once: on SIGTERM, and at interpreter shutdown (before the thread pools join
+    their threads, which would otherwise wait for a hung evaluator)."""
     STOPPING.set()
     if _POOL is not None:
         _kill_workers(_POOL)
+
+
+@contextlib.contextmanager
+def stopped_by_sigterm() -> Iterator[None]:
+    """While the flow waits for its evaluation batches: a SIGTERM first gives up every evaluation in flight (workers
+    killed, in-process calls abandoned), then goes on to the handler that was there (Prefect's, which ends the flow).
+
+    Without it, Prefect's handler ends the flow run, whose task runner then waits for its threads, which wait for
+    the evaluations: a hung evaluator held the process for good. Signals can only be handled in the main thread;
+    elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def stop(signum: int, frame: Any) -> None:
+        _stop_evaluations()
+        if callable(previous):
+            previous(signum, frame)
+        elif previous == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGTERM) is stop:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _kill_workers(pool: ProcessPoolExecutor) -> None:

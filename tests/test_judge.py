@@ -10,6 +10,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -18,7 +19,7 @@ import pytest
 
 from tasks.batch_state import read_state, state_path
 from tasks.config import CallRateLimit, EvaluatorConfig, FileSource, LoopConfig
-from tasks.evaluate import evaluate_batch
+from tasks.evaluate import evaluate_batch, evaluation_pool
 from tasks.evaluator_calls import DEFAULT_ASYNC_CONCURRENCY, DEFAULT_SYNC_CONCURRENCY, CallLimiter
 from tasks.evaluators import bind_evaluator, evaluate_items, register
 from tasks.fetch import fetch_windows
@@ -126,6 +127,10 @@ def call_log_judge(log: str) -> Any:
     def judge(*, inputs: dict) -> float:
         with open(log, "a") as file:
             file.write(f"{os.getpid()} {time.time()}\n")
+        for _ in range(200):  # hold this worker until the other one calls too, so both batches run at once
+            if len({line.split()[0] for line in Path(log).read_text().splitlines()}) > 1:
+                break
+            time.sleep(0.1)
         return 1.0
 
     return judge
@@ -136,6 +141,7 @@ def test_calls_in_two_worker_processes_keep_to_the_shared_rate_limit(window, tmp
     judge = EvaluatorConfig(key="judge", ref="tests.test_judge:call_log_judge", params={"log": str(log)},
                             rate_limit={"requests": 5, "per": "1s"})
     settings = EvaluationSettings(str(tmp_path / "work"))
+    list(evaluation_pool(2).map(time.sleep, [0.5, 0.5]))  # two workers up and idle: one batch each
     with ThreadPoolExecutor(2) as threads:
         list(threads.map(lambda b: evaluate_batch(window.path, b, [judge], window.window_start,
                                                   str(tmp_path / f"s{b}.parquet"), 2, settings), [0, 1]))
