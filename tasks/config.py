@@ -119,7 +119,7 @@ class LangSmithSource(_Strict):
     credentials: str | None = Field(None, description="Name of a LangSmithCredentials block; else the "
                                                       "LANGSMITH_* environment variables.")
     feedback_stats: bool = Field(False, description="Also fetch each run's feedback scores (set by the loop when "
-                                                    "an evaluator is `langsmith:feedback/<key>`).")
+                                                    "an evaluator is `langsmith:feedback/KEY`).")
 
     @field_validator("grace")
     @classmethod

@@ -140,10 +140,16 @@ def md(value: Any, code: bool = False) -> str:
     return f"{fence} {text} {fence}" if "`" in text else f"`{text}`"
 
 
+def one_line(value: Any) -> str:
+    """Text from the traces or config on one line, so a newline in a span name cannot break a list item or a table
+    row. Table artifacts show their cells as text: this is all they need."""
+    return " ".join(str(value).split())
+
+
 def trace_text(value: Any, code: bool = False) -> str:
-    """Text that comes from the traces or config (span names, conditions, metadata values, ids) as the markdown
-    shows it: on one line, so a newline in a span name cannot break a list item or a table row, and escaped."""
-    return md(" ".join(str(value).split()), code=code)
+    """Text that comes from the traces or config (span names, conditions, metadata values, ids) as markdown shows
+    it: on one line, and escaped."""
+    return md(one_line(value), code=code)
 
 
 def _percent(value: float | None) -> str:
@@ -160,7 +166,7 @@ def _cause_label(cause: dict[str, Any]) -> str:
 
 def _condition(pattern: dict[str, Any]) -> str:
     detail = f" ({pattern['detail']})" if pattern.get("detail") else ""
-    return trace_text(f"{pattern['condition']}{detail}")
+    return one_line(f"{pattern['condition']}{detail}")
 
 
 def telling_patterns(window: dict[str, Any]) -> list[dict[str, Any]]:
@@ -200,7 +206,7 @@ def summary_markdown(window: dict[str, Any]) -> str:
     if telling:
         lines += ["", f"## Failure modes (lift at least {MIN_LIFT})", ""]
         lines += [f"- **{_percent(p['fail_share'])}** of failures vs {_percent(p['pass_share'] or 0.0)} of passes "
-                  f"(lift {_lift(p)}): {_condition(p)}" for p in telling[:TOP]]
+                  f"(lift {_lift(p)}): {trace_text(_condition(p))}" for p in telling[:TOP]]
     spike = spike_lines(window.get("spike"))
     if spike:
         lines += ["", "## Spike", ""] + [f"- {trace_text(line)}" for line in spike]
@@ -241,7 +247,7 @@ def rollup_row(window: dict[str, Any], run_url: str | None) -> dict[str, Any]:
     spike = window.get("spike")
     return {"window": window["window_start"][:16].replace("T", " "), "traces": traces,
             "failing": _percent(failing / traces if traces else 0.0),
-            "top root cause": f"{_cause_label(cause)} {_percent(cause['share'])}" if cause else "none",
+            "top root cause": f"{one_line(_cause_label(cause))} {_percent(cause['share'])}" if cause else "none",
             "spike": ", ".join(s["series"] for s in spike["series"] + spike["new_failure_modes"]) if spike else "no",
             "actions": f"{window['actions']['sent']} sent, {window['actions']['failed']} failed",
             "run": run_url or ""}
