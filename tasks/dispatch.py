@@ -449,8 +449,8 @@ def dispatch_actions(
             return [_prefect_event(rule, r) for r in records]
         if sinks.langsmith is None:
             return [("failed", "no LangSmith client: set LANGSMITH_API_KEY or source.credentials")] * len(records)
-        if do == "annotation_queue":
-            return sinks.langsmith.annotation_queue(rule, records, runs(), tried_before)
+        if do in ("annotation_queue", "feedback"):
+            return getattr(sinks.langsmith, do)(rule, records, runs(), tried_before)
         return getattr(sinks.langsmith, do)(rule, records, runs())
 
     stage = f"dispatch {plan.actions[0]['window_start'][:16]}" if plan.actions else "dispatch"
