@@ -135,6 +135,7 @@ def fetch_windows(source_file: str, size: timedelta, batch_size: int, out_dir: s
     """
     spans, skipped, records = load_spans(source_file, out_dir)
     windowed, orphans = window_spans_table(spans, size, skipped)
+    del spans  # the windowed copy replaces it: one copy of the source's spans in memory, not two
     windowed = windowed.replace_schema_metadata({RECORDS_KEY: str(Path(records).resolve()).encode()})
     starts = windowed.column("window_start").cast(pa.int64()).to_numpy()
     edges = np.flatnonzero(np.r_[True, starts[1:] != starts[:-1]]).tolist() + [len(starts)]

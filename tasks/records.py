@@ -116,36 +116,60 @@ def run_metadata(record: dict[str, Any]) -> Any:
 
 # --- the columnar path ---------------------------------------------------------------------------
 
-def _line_spans(path: Path, chunk: int = 1 << 26) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Byte offset, length and 1-based line number of every non-empty line."""
-    size = path.stat().st_size
-    if size == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-        data = np.frombuffer(mapped, dtype=np.uint8)
-        newlines = np.concatenate([np.flatnonzero(data[i:i + chunk] == 10) + i for i in range(0, size, chunk)])
-        del data  # the mmap cannot close while an array still points into it
-    begin = np.r_[0, newlines + 1].astype(np.int64)
-    length = np.r_[newlines, size].astype(np.int64) - begin
+CHUNK = 1 << 25  # bytes of the source read and parsed at a time
+
+
+def _chunks(path: Path, size: int = CHUNK) -> Any:
+    """(byte offset, bytes) of consecutive pieces of the file, each ending at a newline (or the file's end).
+
+    Read, not memory-mapped: the pages of a mapped file count in the process's RSS once touched, and a 615 MB
+    source would add its whole size to the peak."""
+    with open(path, "rb") as handle:
+        offset, carry = 0, b""
+        while piece := handle.read(size):
+            piece = carry + piece
+            cut = piece.rfind(b"\n") + 1
+            if cut == 0:
+                carry = piece
+                continue
+            yield offset, piece[:cut]
+            offset, carry = offset + cut, piece[cut:]
+        if carry:
+            yield offset, carry
+
+
+def _line_spans(piece: bytes, offset: int, first_line: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Byte offset, length and 1-based line number of every non-empty line of a piece; the piece's line count."""
+    data = np.frombuffer(piece, dtype=np.uint8)
+    newlines = np.flatnonzero(data == 10)
+    ends = newlines if piece.endswith(b"\n") else np.r_[newlines, len(piece)]
+    begin = np.r_[0, ends[:-1] + 1].astype(np.int64) if len(ends) else np.zeros(0, np.int64)
+    length = ends.astype(np.int64) - begin
     keep = length > 0
-    return begin[keep], length[keep], np.flatnonzero(keep) + 1
+    return begin[keep] + offset, length[keep], np.flatnonzero(keep) + first_line, len(ends)
 
 
 def _scalars_columnar(path: Path) -> pa.Table | None:
-    """The scalar fields of every line, by Arrow's JSON reader; None when it cannot read every line."""
-    try:
-        rows = pj.read_json(
-            path,
-            read_options=pj.ReadOptions(block_size=1 << 24),
-            parse_options=pj.ParseOptions(explicit_schema=_SCALARS, unexpected_field_behavior="ignore"),
-        )
-    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
-        return None
-    offsets, lengths, lines = _line_spans(path)
-    if len(offsets) != rows.num_rows:
-        return None  # whitespace-only lines: let the record-by-record path number lines exactly
-    return rows.append_column("record_offset", pa.array(offsets)).append_column(
-        "record_length", pa.array(lengths)).append_column("line", pa.array(lines))
+    """The scalar fields of every line, by Arrow's JSON reader, a piece of the file at a time (so memory holds
+    one piece's parse, not the whole file's); None when it cannot read every line."""
+    tables, first_line = [], 1
+    options = pj.ParseOptions(explicit_schema=_SCALARS, unexpected_field_behavior="ignore")
+    for offset, piece in _chunks(path):
+        try:
+            rows = pj.read_json(pa.BufferReader(piece), read_options=pj.ReadOptions(block_size=1 << 24),
+                                parse_options=options)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            return None
+        offsets, lengths, lines, count = _line_spans(piece, offset, first_line)
+        first_line += count
+        if len(offsets) != rows.num_rows:
+            return None  # whitespace-only lines: let the record-by-record path number lines exactly
+        tables.append(rows.append_column("record_offset", pa.array(offsets)).append_column(
+            "record_length", pa.array(lengths)).append_column("line", pa.array(lines)))
+    if not tables:
+        return _SCALARS.empty_table().append_column("record_offset", pa.array([], pa.int64())).append_column(
+            "record_length", pa.array([], pa.int64())).append_column("line", pa.array([], pa.int64()))
+    return pa.concat_tables(tables)
 
 
 def _scalar_row(record: Any) -> dict[str, Any] | str:
