@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -32,16 +33,17 @@ sys.path.insert(0, str(ROOT))
 from bench.pipeline import PeakRSS  # noqa: E402
 
 
-def _cli(repo: Path, env: dict[str, str], *args: str) -> tuple[float, int]:
-    """Wall time and peak tree RSS of one CLI process."""
-    start = time.perf_counter()
+def _cli(repo: Path, env: dict[str, str], *args: str) -> tuple[float, float, int]:
+    """Wall time, CPU time (the CLI and the children it waited for; less sensitive to a busy machine than the
+    wall time) and peak tree RSS of one CLI process."""
+    start, cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     with PeakRSS() as memory:
         done = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=repo, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    elapsed = time.perf_counter() - start
+    elapsed, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode:
         sys.exit(f"tracetriage {' '.join(args)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return elapsed, memory.peak
+    return elapsed, after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime, memory.peak
 
 
 def _server_rss(env: dict[str, str], repo: Path) -> str:
@@ -83,9 +85,9 @@ def main() -> None:
         finally:
             subprocess.run([sys.executable, "-m", "flows.cli", "server", "stop"], cwd=args.repo, env=env,
                            capture_output=True)
-        print("\n| what | wall time | peak RSS, CLI process tree | target |\n|---|---|---|---|")
-        for label, seconds, peak, target in rows:
-            print(f"| {label} | {seconds:.2f} s | {peak / 2**20:.0f} MB | {target} |")
+        print("\n| what | wall time | CPU time | peak RSS, CLI process tree | target |\n|---|---|---|---|---|")
+        for label, seconds, cpu, peak, target in rows:
+            print(f"| {label} | {seconds:.2f} s | {cpu:.2f} s | {peak / 2**20:.0f} MB | {target} (wall) |")
         print(f"\n{server}")
         print(f"load after: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
 

@@ -44,7 +44,7 @@ from tasks.snapshot import PREFIX, SnapshotStore, partition_name, partition_star
 from tasks.summary import window_resource
 from tasks.trends import episode_event, recent_windows
 from tasks.webhook import Webhooks, idempotency_key
-from tasks.writeback import BATCH, LangSmithWriter
+from tasks.writeback import BATCH, LangSmithWriter, batch_limit
 
 ACTION_NAMESPACE = uuid.UUID("0b6a3f0e-4f7e-4c1f-9f55-2f0e8d1c7a11")
 LEDGER_DIR = "_ledger"
@@ -392,7 +392,9 @@ def _chunk_size(rule: ActionConfig | None, record: dict[str, Any], total: int) -
     do = rule.do if rule else "invalid"
     if do in ("log", "invalid") or (do == "slack" and record["trace_id"] is not None):
         return total  # one local write; one Slack message for all the traces a rule matched
-    return rule.batch if do == "webhook" else BATCH if do in (*RUN_ACTIONS, "prefect_event") else 1
+    if do in RUN_ACTIONS:
+        return batch_limit(do)
+    return rule.batch if do == "webhook" else BATCH if do == "prefect_event" else 1
 
 
 def dispatch_actions(

@@ -28,7 +28,10 @@ from tasks.langsmith import ATTEMPTS, RateLimiter
 Outcome = tuple[str, Any]
 FEEDBACK_LIMIT = (2000, 10.0)
 OTHER_LIMIT = (1000, 10.0)
-BATCH = 100
+BATCH = 100  # actions per dispatch send (the ledger is written after each): feedback, one ingest request
+# Queue adds and examples per request: the spec sets no limit and the SDK sends a queue-add list whole (examples
+# it splits at 20 MB), so the ledger's granularity is what bounds them.
+BULK = 1000
 INGEST_PARTS, INGEST_BYTES = 100, 20_971_520  # `BatchIngestConfig` defaults in the spec and the SDK
 PART_OVERHEAD = 200  # a part's boundary and headers, bytes
 READ_BACK_RUNS = 50  # run ids per feedback read-back request (they go in the query string)
@@ -283,10 +286,10 @@ def _error(exc: BaseException) -> str:
 
 def _batched(records: list[dict[str, Any]], runs: dict[str, Any], send: Callable[[list[dict[str, Any]]], Any],
              detail: Callable[[dict[str, Any]], Any]) -> list[Outcome]:
-    """`send` the records BATCH at a time; one outcome per record (a run missing from the window fails)."""
+    """`send` the records BULK at a time; one outcome per record (a run missing from the window fails)."""
     outcomes: list[Outcome] = []
-    for begin in range(0, len(records), BATCH):
-        batch = records[begin:begin + BATCH]
+    for begin in range(0, len(records), BULK):
+        batch = records[begin:begin + BULK]
         present = [r for r in batch if r["trace_id"] in runs]
         try:
             if present:
@@ -296,6 +299,11 @@ def _batched(records: list[dict[str, Any]], runs: dict[str, Any], send: Callable
             continue
         outcomes += [("sent", detail(r)) if r["trace_id"] in runs else ("failed", MISSING) for r in batch]
     return outcomes
+
+
+def batch_limit(do: str) -> int:
+    """Actions of kind `do` that one send covers."""
+    return BULK if do in ("annotation_queue", "dataset") else BATCH
 
 
 def example_id(record: dict[str, Any]) -> str:

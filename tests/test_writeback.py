@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import uuid
+from datetime import datetime
 from types import SimpleNamespace
 
 import langsmith
@@ -37,7 +38,8 @@ def failing(server: LangSmithTestServer, traces: int) -> tuple[list[dict], dict]
                 "evaluator": "answer_grounded", "score": 0.2, "culprit_run_id": last_span[t],
                 "culprit_span": "answer_llm", "culprit_reason": "below_threshold", "loop": "wb",
                 "window_start": "2026-11-02T09:00:00+00:00", "action": "feedback"} for t in roots]
-    runs = {t: SimpleNamespace(id=t, session_id=project_id, start_time=r["start_time"]) for t, r in roots.items()}
+    runs = {t: SimpleNamespace(id=t, session_id=project_id, start_time=datetime.fromisoformat(r["start_time"]),
+                               inputs=r["inputs"], outputs=r["outputs"]) for t, r in roots.items()}
     return actions, runs
 
 
@@ -84,3 +86,16 @@ def test_a_run_missing_from_the_window_fails_alone(server):
     outcomes = writer(server).feedback(RULE, actions, runs)
     assert [state for state, _ in outcomes] == ["sent", "sent", "failed", "sent", "sent"]
     assert len(server.feedback) == 8
+
+
+def test_queue_adds_and_examples_go_in_one_request_per_thousand(server):
+    actions, runs = failing(server, 230)
+    queue = ActionConfig(when=When(failing=True), do="annotation_queue", queue="review", name="queue")
+    dataset = ActionConfig(when=When(failing=True), do="dataset", dataset="hard-cases", name="dataset")
+    sink = writer(server)
+    assert {state for state, _ in sink.annotation_queue(queue, actions, runs)} == {"sent"}
+    assert {state for state, _ in sink.dataset(dataset, actions, runs)} == {"sent"}
+    writes = server.counts()
+    assert writes["queue_add_runs_by_key"] == 1 and len(server.queue_adds) == 230
+    assert writes["examples_bulk"] + writes["examples_multipart"] == 1 and len(server.examples) == 230
+    assert server.violations == []
