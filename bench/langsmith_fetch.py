@@ -44,6 +44,8 @@ PROJECT = "bench-project"
 
 
 def tracetriage(server, out: Path) -> tuple[float, list[str]]:
+    from prefect.settings import temporary_settings
+
     from flows.triage import triage
     from tasks.config import ActionConfig, LangSmithSource, LoopConfig, When
     from tasks.sample import SAMPLE_START
@@ -51,7 +53,8 @@ def tracetriage(server, out: Path) -> tuple[float, list[str]]:
     config = LoopConfig(name="bench", source=LangSmithSource(project=PROJECT),
                         actions=[ActionConfig(when=When(failing=True), do="feedback", name="feedback")])
     t = time.perf_counter()
-    result = triage(config=config, start=SAMPLE_START, end=SAMPLE_START + timedelta(hours=1), out=str(out))
+    with temporary_settings(updates={"flows.heartbeat_frequency": None}):  # as `tracetriage run` runs flows
+        result = triage(config=config, start=SAMPLE_START, end=SAMPLE_START + timedelta(hours=1), out=str(out))
     elapsed = time.perf_counter() - t
     (window,) = result["windows"]
     assert window["actions"]["failed"] == 0, window["actions"]
@@ -143,9 +146,11 @@ def main() -> None:
         our_requests = counts.total()
         queries = counts["runs_query_v2"] + counts["runs_query_v1"]
         limited = server.counts(429).total()
-        print(f"tracetriage: {ours:.1f} s wall (whole flow), {counts.total()} requests "
-              f"({queries} run queries, {counts['feedback_create']} feedback, {limited} answered 429), "
-              f"run queries / floor = {queries / floor:.2f}; {len(failing)} failing runs got feedback")
+        writes, parts = counts["runs_multipart"] + counts["feedback_create"], sum(server.ingest_parts)
+        print(f"tracetriage: {ours:.2f} s wall (whole flow), {counts.total()} requests "
+              f"({queries} run queries, {limited} answered 429), run queries / floor = {queries / floor:.2f}; "
+              f"{len(failing)} failing runs got feedback: {parts} multipart parts in {writes} write requests, "
+              f"{writes / math.ceil(max(parts, 1) / 100):.2f}x the floor ceil({parts} / 100)")
         if args.skip_baseline:
             return
         server.reset_log()

@@ -47,12 +47,13 @@ class PeakRSS:
 
     @staticmethod
     def _is_prefect_api(pid: int) -> bool:
-        """The temporary Prefect API server is a child too, but it is Prefect's, not the pipeline's."""
+        """A Prefect API server may be a child too (the temporary one, or the CLI's local server on the run that
+        starts it), but it is Prefect's, not the pipeline's."""
         try:
             command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
         except OSError:
             return False
-        return b"uvicorn" in command or b"prefect.server" in command
+        return b"uvicorn" in command or b"prefect.server" in command or b"prefect server start" in command
 
     def _sample(self) -> None:
         while not self._stop.is_set():

@@ -5,6 +5,7 @@
     tracetriage sample --traces 5000 --out runs.jsonl
     tracetriage sample --windows 30 --traces 300 --window-rate 25:tool_error=0.25 --out history.jsonl
     tracetriage report --since 7d                      # trend table of .tracetriage, chart in .tracetriage/trend.png
+    tracetriage server status                          # the local Prefect API and UI the runs use; `stop` stops it
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
+from flows import local_api
 from tasks.config import ConfigError, FileSource, LangSmithSource, SnapshotConfig, load_config
 from tasks.langsmith import LangSmithFetchError, LangSmithSourceError
 
@@ -65,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--since", default="7d", help="a duration back from the latest window (7d, 48h) or an "
                                                        "ISO time (default: 7d)")
     report.add_argument("--chart", type=Path, help="where to write the chart PNG (default: OUT/trend.png)")
+    server = commands.add_parser("server", help="the local Prefect API and UI that `run` starts on first use")
+    server.add_argument("action", choices=["status", "start", "stop"])
     return parser
 
 
@@ -120,6 +124,7 @@ def run_command(args: argparse.Namespace) -> int:
             config = config.model_copy(update={"source": source})
         elif args.source:
             config = config.model_copy(update={"source": FileSource(path=args.source)})
+        server = _local_server()  # starts while the flow modules import and the config is checked
         from flows.triage import triage, validate
 
         validate(config)
@@ -133,7 +138,12 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"tracetriage: --out {args.out} {problem}", file=sys.stderr)
         return 2
     stdout = sys.stdout
-    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext(), _progress_bar():
+    try:
+        api = _prefect_api(server)
+    except local_api.LocalServerError as exc:
+        print(f"tracetriage: {exc}", file=sys.stderr)
+        return 1
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext(), api, _progress_bar():
         try:
             result = triage(config=config, start=args.start, end=args.end, out=args.out)
         except (ValueError, LangSmithSourceError, LangSmithFetchError) as exc:
@@ -149,6 +159,9 @@ def run_command(args: argparse.Namespace) -> int:
     if not result["windows"] and skipped:
         print(f"tracetriage: nothing to triage in {result['source']}: {skipped}", file=sys.stderr)
         return 1
+    if server:
+        print(f"flow runs and artifacts: {server.url}/runs (the local Prefect server; `tracetriage server stop` "
+              "stops it)", file=sys.stderr)
     if args.json:
         stdout.write(json.dumps({"windows": result["windows"], "skipped": result["skipped"]}, indent=2) + "\n")
     else:
@@ -161,6 +174,57 @@ def run_command(args: argparse.Namespace) -> int:
             print(summary_text(window) + "\n")
         where = result["windows"][-1]["snapshot_uri"] if result["windows"] else f"{args.out}/snapshots"
         print(f"snapshots and the ledger (_ledger/) are in {where}; the action log is {args.out}/actions.jsonl")
+    return 0
+
+
+def _local_server() -> local_api.LocalServer | None:
+    """The local Prefect server this run will use (possibly still starting), or None when a Prefect API is
+    configured."""
+    if local_api.configured_api_url():
+        return None
+    server, started = local_api.ensure_started()
+    if started:
+        first = " (first run: migrating its database)" if server.migrating else ""
+        print(f"starting the local Prefect API at {server.url}{first}; allowing up to "
+              f"{local_api.startup_allowance():.0f} s", file=sys.stderr)
+    return server
+
+
+def _prefect_api(server: local_api.LocalServer | None) -> contextlib.AbstractContextManager:
+    """Prefect settings for this run: the local server's API once it answers; no flow-run heartbeat, which
+    only serves crash detection by a server's automations and makes every flow run wait up to 1 s at its end
+    (set PREFECT_FLOWS_HEARTBEAT_FREQUENCY to keep it)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    updates: dict = {}
+    if "PREFECT_FLOWS_HEARTBEAT_FREQUENCY" not in os.environ:
+        updates["flows.heartbeat_frequency"] = None
+    if server:
+        server.wait_until_healthy(local_api.startup_allowance())
+        os.environ["PREFECT_API_URL"] = server.api_url  # for any process this run starts
+        updates[PREFECT_API_URL] = server.api_url
+    return temporary_settings(updates=updates)
+
+
+def server_command(args: argparse.Namespace) -> int:
+    if args.action == "stop":
+        stopped = local_api.stop()
+        print(f"stopped the local Prefect server (pid {stopped.pid}, {stopped.url})" if stopped
+              else "no local Prefect server is running")
+        return 0
+    if args.action == "start":
+        server, _ = local_api.ensure_started()
+        try:
+            server.wait_until_healthy(local_api.startup_allowance())
+        except local_api.LocalServerError as exc:
+            print(f"tracetriage: {exc}", file=sys.stderr)
+            return 1
+    server = local_api.recorded()
+    if server is None:
+        print(f"no local Prefect server is running (its home: {local_api.server_home()})")
+        return 1
+    state = "running" if server.healthy() else "starting"
+    print(f"{state}: pid {server.pid}, API {server.api_url}, UI {server.url}, home {server.home}")
     return 0
 
 
@@ -238,7 +302,7 @@ def report_command(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": run_command, "sample": sample_command, "report": report_command}
+COMMANDS = {"run": run_command, "sample": sample_command, "report": report_command, "server": server_command}
 
 
 def main(argv: list[str] | None = None) -> int:

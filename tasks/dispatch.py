@@ -47,7 +47,7 @@ from tasks.snapshot import PREFIX, SnapshotStore, not_disk_full, partition_name,
 from tasks.summary import window_resource
 from tasks.trends import episode_event, recent_windows
 from tasks.webhook import Webhooks, idempotency_key, webhook_secret
-from tasks.writeback import BATCH, LangSmithWriter
+from tasks.writeback import BATCH, LangSmithWriter, batch_limit
 
 ACTION_NAMESPACE = uuid.UUID("0b6a3f0e-4f7e-4c1f-9f55-2f0e8d1c7a11")
 LEDGER_DIR = "_ledger"
@@ -526,7 +526,9 @@ def _chunk_size(rule: ActionConfig | None, record: dict[str, Any], total: int) -
     do = rule.do if rule else "invalid"
     if do in ("log", "invalid") or (do == "slack" and record["trace_id"] is not None):
         return total  # one local write; one Slack message for all the traces a rule matched
-    return rule.batch if do == "webhook" else BATCH if do in (*RUN_ACTIONS, "prefect_event") else 1
+    if do in RUN_ACTIONS:
+        return batch_limit(do)
+    return rule.batch if do == "webhook" else BATCH if do == "prefect_event" else 1
 
 
 def _whole_sends(actions: list[dict[str, Any]], todo: set[str],
@@ -609,8 +611,8 @@ def dispatch_actions(
             return [_prefect_event(rule, r, sinks.source) for r in records]
         if sinks.langsmith is None:
             return [("failed", "no LangSmith client: set LANGSMITH_API_KEY or source.credentials")] * len(records)
-        if do == "annotation_queue":
-            return sinks.langsmith.annotation_queue(rule, records, runs(), tried_before)
+        if do in ("annotation_queue", "feedback"):
+            return getattr(sinks.langsmith, do)(rule, records, runs(), tried_before)
         return getattr(sinks.langsmith, do)(rule, records, runs())
 
     stage = f"dispatch {plan.actions[0]['window_start'][:16]}" if plan.actions else "dispatch"

@@ -169,11 +169,17 @@ def evaluation_pool(workers: int) -> ProcessPoolExecutor | None:
 
 
 def start_evaluation_workers(workers: int) -> None:
-    """Start the pool's worker processes now, without waiting for them."""
+    """Start the pool's worker processes now, without waiting for them.
+
+    From a thread: the first worker's start waits for the forkserver to import the scoring code (1–2 s)."""
     pool = evaluation_pool(workers)
     if pool is not None:
-        for _ in range(workers):
-            pool.submit(os.getpid)
+        def start() -> None:
+            with contextlib.suppress(RuntimeError):  # the pool was shut down meanwhile
+                for _ in range(workers):
+                    pool.submit(os.getpid)
+
+        threading.Thread(target=start, daemon=True).start()
 
 
 def _in_this_process_only(configs: list[EvaluatorConfig]) -> bool:

@@ -71,8 +71,10 @@ def source_fingerprint(path: Path) -> str:
     return stable_hash(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 
 
-def window_spans_table(spans: pa.Table, size: timedelta, skipped: Skipped) -> tuple[pa.Table, dict[str, int]]:
-    """Spans with `window_start` (their trace root's), each window's traces contiguous and in order.
+def window_order(spans: pa.Table, size: timedelta, skipped: Skipped) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                                           dict[str, int]]:
+    """The row order that makes each window's traces contiguous and in order; for each ordered row its window
+    start (µs) and trace number; and the spans skipped per window as orphans.
 
     Traces are numbered (dictionary codes) so that the lookup of each span's root and
     the sort are integer work, not string joins and sorts.
@@ -95,9 +97,7 @@ def window_spans_table(spans: pa.Table, size: timedelta, skipped: Skipped) -> tu
                                                                                                  strict=True)}
     keep = np.flatnonzero(~orphan)
     order = keep[np.lexsort((codes[keep], window[keep]))]
-    table = spans.take(pa.array(order))
-    return table.append_column("window_start", pa.array(window[order], pa.int64()).cast(
-        pa.timestamp("us", tz="UTC"))), orphans
+    return order, window[order], codes[order], orphans
 
 
 def batch_bounds(traces: np.ndarray, batch_traces: int) -> list[int]:
@@ -113,18 +113,20 @@ def batch_traces_for(traces: int, batch_size: int, max_batches: int = 16) -> int
     return max(batch_size, math.ceil(traces / max_batches)) if traces else batch_size
 
 
-def write_window(table: pa.Table, window_start: datetime, batch_size: int, path: Path) -> WindowSpans:
-    """A window's spans (trace-contiguous) as a Parquet file with one row group per batch."""
-    codes = pc.dictionary_encode(table.column("trace_id")).combine_chunks().indices.to_numpy()
+def write_window(spans: pa.Table, rows: np.ndarray, codes: np.ndarray, window_start: datetime, batch_size: int,
+                 path: Path) -> WindowSpans:
+    """A window's spans, rows `rows` of `spans` (trace-contiguous; `codes` their trace numbers), as a Parquet
+    file with one row group per batch, taken from `spans` a batch at a time: the window is never a second copy
+    of the source in memory."""
     traces = len(np.unique(codes)) if len(codes) else 0
     bounds = batch_bounds(codes, batch_traces_for(traces, batch_size))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with pq.ParquetWriter(tmp, table.schema, compression="none") as writer:  # work files: speed over size
+    with pq.ParquetWriter(tmp, spans.schema, compression="none") as writer:  # work files: speed over size
         for begin, end in zip(bounds[:-1], bounds[1:], strict=True):
-            writer.write_table(table.slice(begin, end - begin), row_group_size=end - begin)
+            writer.write_table(spans.take(pa.array(rows[begin:end])), row_group_size=end - begin)
     os.replace(tmp, path)
-    return WindowSpans(window_start, str(path), len(bounds) - 1, traces, table.num_rows)
+    return WindowSpans(window_start, str(path), len(bounds) - 1, traces, len(rows))
 
 
 def fetch_windows(source_file: str, size: timedelta, batch_size: int, out_dir: str) -> SourceSpans:
@@ -134,17 +136,16 @@ def fetch_windows(source_file: str, size: timedelta, batch_size: int, out_dir: s
     LangSmith window.
     """
     spans, skipped, records = load_spans(source_file, out_dir)
-    windowed, orphans = window_spans_table(spans, size, skipped)
-    windowed = windowed.replace_schema_metadata({RECORDS_KEY: str(Path(records).resolve()).encode()})
-    starts = windowed.column("window_start").cast(pa.int64()).to_numpy()
+    order, starts, codes, orphans = window_order(spans, size, skipped)
+    spans = spans.replace_schema_metadata({RECORDS_KEY: str(Path(records).resolve()).encode()})
     edges = np.flatnonzero(np.r_[True, starts[1:] != starts[:-1]]).tolist() + [len(starts)]
     windows = []
     for begin, end in zip(edges[:-1], edges[1:], strict=True):
         if begin == end:
             continue
-        start = windowed.column("window_start")[begin].as_py()
-        table = windowed.slice(begin, end - begin).drop_columns(["window_start"])
-        window = write_window(table, start, batch_size, Path(out_dir) / f"window-{start:%Y%m%dT%H%M%SZ}.parquet")
+        start = (pd.Timestamp(int(starts[begin]), unit="us", tz="UTC")).to_pydatetime()
+        window = write_window(spans, order[begin:end], codes[begin:end], start, batch_size,
+                              Path(out_dir) / f"window-{start:%Y%m%dT%H%M%SZ}.parquet")
         window.orphans = orphans.get(start.isoformat(), 0)
         windows.append(window)
     Path(out_dir).mkdir(parents=True, exist_ok=True)

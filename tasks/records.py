@@ -130,76 +130,88 @@ def run_metadata(record: dict[str, Any]) -> Any:
 
 # --- the columnar path ---------------------------------------------------------------------------
 
-def _line_spans(path: Path, chunk: int = 1 << 26) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Byte offset, length and 1-based line number of every non-empty line."""
-    size = path.stat().st_size
-    if size == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-        data = np.frombuffer(mapped, dtype=np.uint8)
-        newlines = np.concatenate([np.flatnonzero(data[i:i + chunk] == 10) + i for i in range(0, size, chunk)])
-        del data  # the mmap cannot close while an array still points into it
-    begin = np.r_[0, newlines + 1].astype(np.int64)
-    length = np.r_[newlines, size].astype(np.int64) - begin
-    if _starts_with_bom(path):
-        begin[0] += len(BOM)
-        length[0] -= len(BOM)
-    keep = length > 0
-    return begin[keep], length[keep], np.flatnonzero(keep) + 1
+CHUNK = 1 << 25  # bytes of the source read and parsed at a time
 
 
-def _starts_with_bom(path: Path) -> bool:
+def _chunks(path: Path, size: int = CHUNK) -> Any:
+    """(byte offset, bytes) of consecutive pieces of the file, each ending at a newline (or the file's end).
+
+    Read, not memory-mapped: the pages of a mapped file count in the process's RSS once touched, and a 615 MB
+    source would add its whole size to the peak."""
     with open(path, "rb") as handle:
-        return handle.read(len(BOM)) == BOM
+        offset, carry = 0, b""
+        while piece := handle.read(size):
+            piece = carry + piece
+            cut = piece.rfind(b"\n") + 1
+            if cut == 0:
+                carry = piece
+                continue
+            yield offset, piece[:cut]
+            offset, carry = offset + cut, piece[cut:]
+        if carry:
+            yield offset, carry
 
 
-def _decodable(path: Path, offsets: np.ndarray, lengths: np.ndarray, chunk: int = 1 << 26) -> bool:
-    """Whether orjson can parse every line that Arrow read: valid UTF-8 throughout, no byte order mark starting a
-    line, no nesting past MAX_DEPTH. Checked in bulk; a line long enough to hold more opening brackets than
-    MAX_DEPTH has them counted, and only one that has is parsed here."""
+def _line_spans(piece: bytes, offset: int, first_line: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Byte offset, length and 1-based line number of every non-empty line of a piece; the piece's line count."""
+    data = np.frombuffer(piece, dtype=np.uint8)
+    newlines = np.flatnonzero(data == 10)
+    ends = newlines if piece.endswith(b"\n") else np.r_[newlines, len(piece)]
+    begin = np.r_[0, ends[:-1] + 1].astype(np.int64) if len(ends) else np.zeros(0, np.int64)
+    length = ends.astype(np.int64) - begin
+    keep = length > 0
+    return begin[keep] + offset, length[keep], np.flatnonzero(keep) + first_line, len(ends)
+
+
+def _decodable(piece: bytes, offsets: np.ndarray, lengths: np.ndarray) -> bool:
+    """Whether orjson can parse every line of a piece that Arrow read (offsets into the piece): valid UTF-8
+    throughout, no byte order mark starting a line, no nesting past MAX_DEPTH. Checked in bulk; a line long enough
+    to hold more opening brackets than MAX_DEPTH has them counted, and only one that has is parsed here."""
     if not len(offsets):
         return True
+    data = np.frombuffer(piece, dtype=np.uint8)
     ends = offsets + lengths
+    lines = pa.Array.from_buffers(pa.large_string(), len(offsets),
+                                  [None, pa.py_buffer(np.r_[offsets, ends[-1]]), pa.py_buffer(piece)])
+    heads = np.stack([data[np.minimum(offsets + i, len(data) - 1)] for i in range(len(BOM))], axis=1)
+    if (heads == np.frombuffer(BOM, np.uint8)).all(axis=1).any():
+        return False
     long = np.flatnonzero(lengths > 2 * MAX_DEPTH)  # a depth over MAX_DEPTH takes that many brackets, and closers
-    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-        data = np.frombuffer(mapped, dtype=np.uint8)
-        lines = pa.Array.from_buffers(pa.large_string(), len(offsets),
-                                      [None, pa.py_buffer(np.r_[offsets, ends[-1]]), pa.py_buffer(data)])
-        heads = np.stack([data[np.minimum(offsets + i, len(data) - 1)] for i in range(len(BOM))], axis=1)
-        brackets = np.zeros(len(long), dtype=np.int64)
-        for begin in range(0, len(data), chunk):
-            inside = long[(offsets[long] < begin + chunk) & (ends[long] > begin)]
-            if len(inside):
-                opening = np.flatnonzero((data[begin:begin + chunk] | 0x20) == ord("{")) + begin  # `{` and `[`
-                brackets[np.searchsorted(long, inside)] += (np.searchsorted(opening, ends[inside])
-                                                            - np.searchsorted(opening, offsets[inside]))
-        try:
-            lines.validate(full=True)  # UTF-8, by Arrow's vectorised check
-            for i in long[brackets > MAX_DEPTH]:
-                orjson.loads(mapped[offsets[i]:ends[i]])
-        except (pa.ArrowInvalid, orjson.JSONDecodeError):
-            return False
-        finally:
-            del data, lines  # the mmap cannot close while an array still points into it
-    return not (heads == np.frombuffer(BOM, np.uint8)).all(axis=1).any()
+    opening = np.flatnonzero((data | 0x20) == ord("{")) if len(long) else np.zeros(0, np.int64)  # `{` and `[`
+    brackets = np.searchsorted(opening, ends[long]) - np.searchsorted(opening, offsets[long])
+    try:
+        lines.validate(full=True)  # UTF-8, by Arrow's vectorised check
+        for i in long[brackets > MAX_DEPTH]:
+            orjson.loads(piece[offsets[i]:ends[i]])
+    except (pa.ArrowInvalid, orjson.JSONDecodeError):
+        return False
+    return True
 
 
 def _scalars_columnar(path: Path) -> pa.Table | None:
-    """The scalar fields of every line, by Arrow's JSON reader; None when it cannot read every line, or orjson
-    could not parse one of them when its span is scored."""
-    try:
-        rows = pj.read_json(
-            path,
-            read_options=pj.ReadOptions(block_size=1 << 24),
-            parse_options=pj.ParseOptions(explicit_schema=_SCALARS, unexpected_field_behavior="ignore"),
-        )
-    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
-        return None
-    offsets, lengths, lines = _line_spans(path)
-    if len(offsets) != rows.num_rows or not _decodable(path, offsets, lengths):
-        return None  # whitespace-only or undecodable lines: the record-by-record path numbers them exactly
-    return rows.append_column("record_offset", pa.array(offsets)).append_column(
-        "record_length", pa.array(lengths)).append_column("line", pa.array(lines))
+    """The scalar fields of every line, by Arrow's JSON reader, a piece of the file at a time (so memory holds
+    one piece's parse, not the whole file's); None when it cannot read every line, or orjson could not parse one
+    of them when its span is scored (the record-by-record path then names those lines)."""
+    tables, first_line = [], 1
+    options = pj.ParseOptions(explicit_schema=_SCALARS, unexpected_field_behavior="ignore")
+    for offset, piece in _chunks(path):
+        if offset == 0 and piece.startswith(BOM):  # a byte order mark starting the file is accepted
+            piece, offset = piece[len(BOM):], len(BOM)
+        try:
+            rows = pj.read_json(pa.BufferReader(piece), read_options=pj.ReadOptions(block_size=1 << 24),
+                                parse_options=options)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            return None
+        offsets, lengths, lines, count = _line_spans(piece, offset, first_line)
+        first_line += count
+        if len(offsets) != rows.num_rows or not _decodable(piece, offsets - offset, lengths):
+            return None  # whitespace-only or undecodable lines: the record-by-record path numbers them exactly
+        tables.append(rows.append_column("record_offset", pa.array(offsets)).append_column(
+            "record_length", pa.array(lengths)).append_column("line", pa.array(lines)))
+    if not tables:
+        return _SCALARS.empty_table().append_column("record_offset", pa.array([], pa.int64())).append_column(
+            "record_length", pa.array([], pa.int64())).append_column("line", pa.array([], pa.int64()))
+    return pa.concat_tables(tables)
 
 
 def _scalar_row(record: Any) -> dict[str, Any] | str:

@@ -3,9 +3,9 @@
 Each function takes planned actions (see `tasks.dispatch`) and returns one outcome per
 action: `("sent", response)` or `("failed", error)`. Ids are deterministic (the action
 id is the feedback id; the example id is derived from it), so a retry after a lost
-response meets a 409, which counts as done. Writes are batched where the API takes
-batches (queue items, examples) and paced under LangSmith's limits (feedback: 2,000
-requests / 10 s; other routes: 1,000 / 10 s).
+response writes nothing twice (a 409 counts as done). Every kind is written in batches:
+feedback as parts of multipart ingest requests, queue items and examples in bulk
+requests; paced under LangSmith's limits (1,000 requests / 10 s for these routes).
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from __future__ import annotations
 import time
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from collections.abc import Set as AbstractSet
-from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from langsmith import Client
 from langsmith import utils as ls_utils
 
@@ -28,8 +28,13 @@ from tasks.langsmith import ATTEMPTS, RateLimiter
 Outcome = tuple[str, Any]
 FEEDBACK_LIMIT = (2000, 10.0)
 OTHER_LIMIT = (1000, 10.0)
-BATCH = 100
-FEEDBACK_THREADS = 8
+BATCH = 100  # actions per dispatch send (the ledger is written after each): feedback, one ingest request
+# Queue adds and examples per request: the spec sets no limit and the SDK sends a queue-add list whole (examples
+# it splits at 20 MB), so the ledger's granularity is what bounds them.
+BULK = 1000
+INGEST_PARTS, INGEST_BYTES = 100, 20_971_520  # `BatchIngestConfig` defaults in the spec and the SDK
+PART_OVERHEAD = 200  # a part's boundary and headers, bytes
+READ_BACK_RUNS = 50  # run ids per feedback read-back request (they go in the query string)
 MISSING = "run not in the window's spans"
 
 
@@ -81,13 +86,43 @@ def _score(record: dict[str, Any]) -> float | None:
     return record["score"]
 
 
+def _feedback_body(key: str, record: dict[str, Any], run: Any, run_id: str, feedback_id: str) -> dict[str, Any]:
+    """A feedback part as `create_feedback(..., feedback_source_type="model")` would make it."""
+    now = datetime.now(UTC).isoformat()
+    return {"id": feedback_id, "run_id": run_id, "trace_id": record["trace_id"], "key": key,
+            "score": _score(record), "value": record.get("value"), "comment": _describe(record),
+            "feedback_source": {"type": "model", "metadata": {}}, "session_id": str(run.session_id),
+            "extra": _extra(record), "created_at": now, "modified_at": now}
+
+
+def _json(body: dict[str, Any]) -> bytes:
+    return orjson.dumps(body, default=str, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def _by_size(items: list[int], payloads: Callable[[int], list[bytes]], parts: int,
+             size: int) -> Iterator[list[tuple[int, list[bytes]]]]:
+    """Consecutive batches of whole items (with their payloads), each at most `parts` payloads and `size` bytes
+    (an item larger than that alone is a batch of its own, for the server to refuse)."""
+    batch: list[tuple[int, list[bytes]]] = []
+    count = length = 0
+    for item in items:
+        encoded = payloads(item)
+        more = sum(len(p) + PART_OVERHEAD for p in encoded)
+        if batch and (count + len(encoded) > parts or length + more > size):
+            yield batch
+            batch, count, length = [], 0, 0
+        batch.append((item, encoded))
+        count += len(encoded)
+        length += more
+    if batch:
+        yield batch
+
+
 def _run_key(run: Any) -> dict[str, Any]:
     return {"run_id": str(run.id), "session_id": str(run.session_id), "start_time": _aware(run.start_time)}
 
 
 def _aware(moment: datetime) -> datetime:
-    from datetime import UTC
-
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
@@ -102,30 +137,78 @@ class LangSmithWriter:
         self._queued: dict[str, set[str]] = {}
         self._datasets: dict[str, str] = {}
 
-    def feedback(self, rule: ActionConfig, records: list[dict[str, Any]], runs: dict[str, Any]) -> list[Outcome]:
-        """`create_feedback` on each failing run (and on its culprit span with `on_culprit`), synchronously."""
+    def feedback(self, rule: ActionConfig, records: list[dict[str, Any]], runs: dict[str, Any],
+                 tried_before: AbstractSet[str] = frozenset()) -> list[Outcome]:
+        """Feedback on each failing run (and on its culprit span with `on_culprit`), sent as the SDK's own
+        background ingest sends it: `feedback.<id>` parts of `POST /runs/multipart` requests, as many parts per
+        request as the server's `/info` allows (`batch_ingest_config`: `size_limit` parts, `size_limit_bytes`).
 
-        def send(record: dict[str, Any]) -> Outcome:
+        A request's 202 says its parts were accepted for ingestion; a part the backend rejects later (e.g. its
+        run was deleted) is not reported back to anyone, so "sent" means accepted. Feedback ids are the action
+        ids, and ingestion keeps one feedback per id, so a batch sent again after a lost answer adds nothing;
+        actions `tried_before` are first read back, and feedback that landed is not sent again."""
+        bodies: dict[int, list[dict[str, Any]]] = {}
+        outcomes: list[Outcome | None] = [None] * len(records)
+        for i, record in enumerate(records):
             run = runs.get(record["trace_id"])
             if run is None:
-                return "failed", MISSING
+                outcomes[i] = ("failed", MISSING)
+                continue
             targets = [(record["run_id"], record["action_id"])]
             if rule.on_culprit and record.get("culprit_run_id"):
                 targets.append((record["culprit_run_id"], str(uuid.uuid5(uuid.UUID(record["action_id"]), "culprit"))))
+            key = rule.key or record.get("evaluator") or "tracetriage_failure"
+            bodies[i] = [_feedback_body(key, record, run, run_id, feedback_id) for run_id, feedback_id in targets]
+        try:
+            landed = self.landed_feedback([b for i, parts in bodies.items() for b in parts
+                                           if records[i]["action_id"] in tried_before])
+        except Exception as exc:  # noqa: BLE001 - recorded in the ledger, retried on the next run
+            return [o or ("failed", f"reading back feedback: {_error(exc)}") for o in outcomes]
+        unsent = {i: [b for b in parts if b["id"] not in landed] for i, parts in bodies.items()}
+        for i in [i for i, parts in unsent.items() if not parts]:
+            outcomes[i] = ("sent", {"feedback_ids": [b["id"] for b in bodies[i]]})
+        parts_limit, bytes_limit = self.ingest_limits()
+        for batch in _by_size([i for i in unsent if unsent[i]], lambda i: [_json(b) for b in unsent[i]],
+                              parts_limit, bytes_limit):
+            parts = [(b["id"], payload) for i, payloads in batch
+                     for b, payload in zip(unsent[i], payloads, strict=True)]
             try:
-                for run_id, feedback_id in targets:
-                    with_retries(lambda run_id=run_id, feedback_id=feedback_id: self.client.create_feedback(
-                        run_id, key=rule.key or record.get("evaluator") or "tracetriage_failure",
-                        score=_score(record), value=record.get("value"),
-                        comment=_describe(record), feedback_id=feedback_id, feedback_source_type="model",
-                        session_id=str(run.session_id), extra=_extra(record), stop_after_attempt=1),
-                        self.feedback_pace)
+                with_retries(lambda parts=parts: self._ingest(parts), self.other_pace)
             except Exception as exc:  # noqa: BLE001 - recorded in the ledger, retried on the next run
-                return "failed", _error(exc)
-            return "sent", {"feedback_ids": [f for _, f in targets]}
+                for i, _ in batch:
+                    outcomes[i] = ("failed", _error(exc))
+                continue
+            for i, _ in batch:
+                outcomes[i] = ("sent", {"feedback_ids": [b["id"] for b in bodies[i]]})
+        return outcomes  # type: ignore[return-value]
 
-        with ThreadPoolExecutor(FEEDBACK_THREADS) as pool:
-            return list(pool.map(send, records))
+    def ingest_limits(self) -> tuple[int, int]:
+        """Parts and bytes per multipart ingest request, as the server's `/info` says (the SDK's defaults else)."""
+        config = getattr(self.client.info, "batch_ingest_config", None) or {}
+        return int(config.get("size_limit") or INGEST_PARTS), int(config.get("size_limit_bytes") or INGEST_BYTES)
+
+    def _ingest(self, parts: list[tuple[str, bytes]]) -> None:
+        boundary = uuid.uuid4().hex
+        body = b"".join(
+            b"--%s\r\nContent-Disposition: form-data; name=\"feedback.%s\"\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s\r\n" % (boundary.encode(), part_id.encode(), len(payload), payload)
+            for part_id, payload in parts) + b"--%s--\r\n" % boundary.encode()
+        self.client.request_with_retries(
+            "POST", "/runs/multipart", stop_after_attempt=1,
+            request_kwargs={"data": body, "headers": {"Content-Type": f"multipart/form-data; boundary={boundary}"}})
+
+    def landed_feedback(self, bodies: list[dict[str, Any]]) -> set[str]:
+        """Which of these feedback ids LangSmith holds: read back by run, a page of runs per request."""
+        if not bodies:
+            return set()
+        wanted = {b["id"] for b in bodies}
+        run_ids = sorted({b["run_id"] for b in bodies})
+        found: set[str] = set()
+        for begin in range(0, len(run_ids), READ_BACK_RUNS):
+            chunk = run_ids[begin:begin + READ_BACK_RUNS]
+            found |= with_retries(lambda chunk=chunk: {str(f.id) for f in self.client.list_feedback(run_ids=chunk)},
+                                  self.other_pace)
+        return found & wanted
 
     def queue_id(self, rule: ActionConfig) -> str:
         """The rule's queue, created (with the rubric from config) if missing."""
@@ -215,10 +298,10 @@ def _error(exc: BaseException) -> str:
 
 def _batched(records: list[dict[str, Any]], runs: dict[str, Any], send: Callable[[list[dict[str, Any]]], Any],
              detail: Callable[[dict[str, Any]], Any]) -> list[Outcome]:
-    """`send` the records BATCH at a time; one outcome per record (a run missing from the window fails)."""
+    """`send` the records BULK at a time; one outcome per record (a run missing from the window fails)."""
     outcomes: list[Outcome] = []
-    for begin in range(0, len(records), BATCH):
-        batch = records[begin:begin + BATCH]
+    for begin in range(0, len(records), BULK):
+        batch = records[begin:begin + BULK]
         present = [r for r in batch if r["trace_id"] in runs]
         try:
             if present:
@@ -228,6 +311,11 @@ def _batched(records: list[dict[str, Any]], runs: dict[str, Any], send: Callable
             continue
         outcomes += [("sent", detail(r)) if r["trace_id"] in runs else ("failed", MISSING) for r in batch]
     return outcomes
+
+
+def batch_limit(do: str) -> int:
+    """Actions of kind `do` that one send covers."""
+    return BULK if do in ("annotation_queue", "dataset") else BATCH
 
 
 def example_id(record: dict[str, Any]) -> str:

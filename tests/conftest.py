@@ -21,6 +21,17 @@ from tasks.sample import generate_traces, write_sample  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
+def tracetriage_home(tmp_path_factory: pytest.TempPathFactory):
+    """A data dir no other run shares: a CLI process started without PREFECT_API_URL starts its local Prefect
+    server there, not in the user's, and it is stopped when the session ends."""
+    from flows import local_api
+
+    os.environ["TRACETRIAGE_HOME"] = str(tmp_path_factory.mktemp("tracetriage-home"))
+    yield
+    local_api.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
 def prefect_api(tmp_path_factory: pytest.TempPathFactory):
     """A temporary Prefect server on a free loopback port, and result storage no other run shares."""
     results = tmp_path_factory.mktemp("prefect-results")

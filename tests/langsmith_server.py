@@ -20,8 +20,11 @@ Spec/SDK mismatches this server accommodates:
 - The multipart examples upload (`/v1/platform/datasets/{id}/examples`) documents its parts with
   `{example_id}` placeholders, which JSON Schema cannot check: the parts are checked by hand.
 - `Retry-After` is always a whole number of seconds (>= 1): the SDK's urllib3 retry rejects fractions.
-- Not served (so a 404 here): `/runs/multipart`, where the SDK sends feedback created with `trace_id`
-  in the background, and the v2 annotation-queue items API, which the spec does not describe.
+- `/runs/multipart` takes only `feedback.<id>` parts (each checked against `FeedbackCreateSchema`, with the
+  `trace_id`, `Content-Type` and `Content-Length` the spec asks for); it answers 202 before "ingesting", as
+  LangSmith does: a part whose run is unknown is dropped without telling the client (`server.ingest_dropped`),
+  and a feedback id already held is kept once (ingestion upserts by id).
+- Not served (so a 404 here): the v2 annotation-queue items API, which the spec does not describe.
 """
 
 from __future__ import annotations
@@ -279,6 +282,9 @@ ROUTES = [
     _Route("GET", "/api/v1/examples", "examples_list"),
     _Route("POST", "/v1/platform/datasets/{dataset_id}/examples", "examples_multipart"),
 ]
+# Multipart ingest (feedback parts), spelled as the spec does: at the API root, not under /api/v1.
+INGEST_PATHS = ("/runs/multipart",)
+ROUTES.append(_Route("POST", "/runs/multipart", "runs_multipart"))
 _COMPILED = [(route, route.regex) for route in ROUTES]
 
 
@@ -287,6 +293,8 @@ def _spec_path(path: str) -> str:
     path = path.rstrip("/") or "/"
     if path.startswith("/api/"):
         path = path[4:]
+    if path in INGEST_PATHS:
+        return path
     if path.startswith(("/v2/", "/v1/platform/", "/api/v1/")):
         return path
     if path.startswith("/v1/"):
@@ -367,6 +375,10 @@ class LangSmithTestServer:
         self.requests: list[RequestRecord] = []
         self.violations: list[dict[str, Any]] = []
         self.queue_adds: list[tuple[str, str]] = []  # every (queue_id, run_id) add, duplicates included
+        self.ingest_parts: list[int] = []  # parts per accepted multipart ingest request
+        # Route kind -> how many of its next requests are carried out, then answered by a dropped connection.
+        self.lose_answers: Counter[str] = Counter()
+        self.ingest_dropped: list[dict[str, Any]] = []  # feedback parts accepted, then dropped (unknown run)
 
     # ---- lifecycle
 
@@ -442,6 +454,7 @@ class LangSmithTestServer:
             self.requests.clear()
             self.violations.clear()
             self.queue_adds.clear()
+            self.ingest_parts.clear()
 
     def counts(self, status: int | None | str = "any") -> Counter[str]:
         """Requests per route kind (optionally only those that ended with `status`; None = dropped)."""
@@ -474,6 +487,11 @@ class LangSmithTestServer:
                 return
             status, payload, headers = self._respond(handler, route, params, parse_qs(split.query), raw, fault)
             record.status = status
+            if route is not None and self.lose_answers[route.kind] > 0:  # done, but the client never hears
+                self.lose_answers[route.kind] -= 1
+                record.status, record.fault = None, "lost answer"
+                handler.close_connection = True
+                return
         body = json.dumps(payload).encode()
         handler.send_response(status)
         handler.send_header("Content-Type", "application/json")
@@ -936,6 +954,38 @@ class LangSmithTestServer:
             examples.append(example)
         stored = self._store_examples(req.params["dataset_id"], examples)
         return 201, {"example_ids": [e["id"] for e in stored], "count": len(stored), "as_of": _iso(datetime.now(UTC))}
+
+
+    # ---- handlers: multipart ingest (feedback parts)
+
+    def _h_runs_multipart(self, req: _Request) -> tuple[int, Any]:
+        if not req.content_type.startswith("multipart/form-data"):
+            raise self._reject(req.route, f"expected multipart/form-data, got {req.content_type!r}")
+        message = BytesParser(policy=policy.HTTP).parsebytes(
+            b"Content-Type: " + req.content_type.encode() + b"\r\n\r\n" + req.raw)
+        bodies = []
+        for part in message.iter_parts():
+            name = part.get_param("name", header="content-disposition") or ""
+            event, _, part_id = name.partition(".")
+            if event != "feedback":
+                raise ApiError(422, f"part {name!r}: only feedback parts are served here")
+            if part.get_content_type() != "application/json" or part["Content-Length"] is None:
+                raise self._reject(req.route, f"part {name!r} needs Content-Type: application/json and "
+                                              "Content-Length")
+            body = json.loads(part.get_payload(decode=True))
+            problem = self.spec.check("/components/schemas/FeedbackCreateSchema", body)
+            if problem or not body.get("trace_id") or body.get("id") != part_id:
+                raise self._reject(req.route, f"part {name!r}: {problem or 'needs trace_id and the id of its name'}")
+            bodies.append(body)
+        held = {f["id"] for f in self.feedback}
+        for body in bodies:  # accepted now, ingested "later": nothing below reaches the client
+            if body.get("run_id") not in self.runs:
+                self.ingest_dropped.append(body)
+            elif body["id"] not in held:
+                self.feedback.append(body)
+                held.add(body["id"])
+        self.ingest_parts.append(len(bodies))
+        return 202, {}
 
 
 class _Handler(BaseHTTPRequestHandler):
