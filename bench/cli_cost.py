@@ -4,7 +4,7 @@
     .venv/bin/python bench/cli_cost.py --repo ../main   # another checkout's code, with this venv (a "before")
 
 Each run is `python -m flows.cli run ...` in a fresh process with a fresh `--out`, its own data dir
-(TRACETRIAGE_HOME) and Prefect home in a temporary directory, and no PREFECT_API_URL:
+(TRACETRIAGE_DATA) and Prefect home in a temporary directory, and no PREFECT_API_URL:
 
 - a 20-trace run on a fresh Prefect home and data dir (a new machine: the local Prefect server starts and
   migrates its database);
@@ -69,7 +69,7 @@ def main() -> None:
         traces = work / "runs-20.jsonl"
         write_sample(traces, generate_traces(20, seed=3, hours=3))
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "TRACETRIAGE_"))}
-        env.update(TRACETRIAGE_HOME=str(work / "data"), PREFECT_HOME=str(work / "prefect-home"),
+        env.update(TRACETRIAGE_DATA=str(work / "data"), PREFECT_HOME=str(work / "prefect-home"),
                    PREFECT_SERVER_ANALYTICS_ENABLED="false")
         rows = []
         try:

@@ -36,9 +36,9 @@ class LocalServerError(RuntimeError):
 
 
 def data_dir() -> Path:
-    """Where tracetriage keeps per-user state: `$TRACETRIAGE_HOME`, else `$XDG_DATA_HOME/tracetriage`, else
+    """Where tracetriage keeps per-user state: `$TRACETRIAGE_DATA`, else `$XDG_DATA_HOME/tracetriage`, else
     `~/.local/share/tracetriage`."""
-    if home := os.environ.get("TRACETRIAGE_HOME"):
+    if home := os.environ.get("TRACETRIAGE_DATA"):
         return Path(home).expanduser()
     return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "tracetriage"
 

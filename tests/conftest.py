@@ -26,7 +26,7 @@ def tracetriage_home(tmp_path_factory: pytest.TempPathFactory):
     server there, not in the user's, and it is stopped when the session ends."""
     from flows import local_api
 
-    os.environ["TRACETRIAGE_HOME"] = str(tmp_path_factory.mktemp("tracetriage-home"))
+    os.environ["TRACETRIAGE_DATA"] = str(tmp_path_factory.mktemp("tracetriage-home"))
     yield
     local_api.stop()
 

@@ -37,7 +37,7 @@ def _free_port() -> int:
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "TRACETRIAGE_"))}
-    return {**env, "PYTHONPATH": str(ROOT), "TRACETRIAGE_HOME": str(tmp_path / "data"),
+    return {**env, "PYTHONPATH": str(ROOT), "TRACETRIAGE_DATA": str(tmp_path / "data"),
             "PREFECT_HOME": str(tmp_path / "client-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **extra}
 
 
