@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from prefect.settings import PREFECT_API_URL
 
+from flows.cli import main
 from tasks.sample import generate_traces, write_sample
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +78,15 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_the_cli_starts_a_local_server_on_first_use_reuses_it_and_server_stop_stops_it(runs, tmp_path):
+def _server(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], action: str, capsys) -> tuple[int, str]:
+    """`tracetriage server ACTION` in this process (no interpreter start), with the run's data dir."""
+    monkeypatch.setenv("TRACETRIAGE_HOME", env["TRACETRIAGE_HOME"])
+    code = main(["server", action])
+    return code, capsys.readouterr().out
+
+
+def test_the_cli_starts_a_local_server_on_first_use_reuses_it_and_server_stop_stops_it(runs, tmp_path, monkeypatch,
+                                                                                       capsys):
     port = _free_port()
     env = _env(tmp_path, TRACETRIAGE_SERVER_PORT=str(port))
     state = tmp_path / "data" / "prefect-server" / "server.json"
@@ -97,8 +106,8 @@ def test_the_cli_starts_a_local_server_on_first_use_reuses_it_and_server_stop_st
         for out in ("out-1", "out-2"):  # both runs are in that server, with their window subflows
             assert {r["state_type"] for r in _runs_of_out(api_url, tmp_path / out)} == {"COMPLETED"}
 
-        status = _cli(env, "server", "status")
-        assert status.returncode == 0 and f"pid {server['pid']}" in status.stdout and f":{port}" in status.stdout
+        code, status = _server(monkeypatch, env, "status", capsys)
+        assert code == 0 and f"pid {server['pid']}" in status and f":{port}" in status
 
         killed_session_left = _kill_9_during_a_run(env, runs, tmp_path / "out-killed")
         # Nothing of Prefect's outlives the killed CLI in its session (Prefect's temporary server used to);
@@ -106,14 +115,14 @@ def test_the_cli_starts_a_local_server_on_first_use_reuses_it_and_server_stop_st
         assert not [cmd for cmd in killed_session_left if "prefect" in cmd and ("server" in cmd or "uvicorn" in cmd)]
         assert _alive(server["pid"]) and json.loads(state.read_text()) == server
 
-        stopped = _cli(env, "server", "stop")
-        assert stopped.returncode == 0 and f"pid {server['pid']}" in stopped.stdout
+        code, stopped = _server(monkeypatch, env, "stop", capsys)
+        assert code == 0 and f"pid {server['pid']}" in stopped
         assert not _alive(server["pid"]) and not state.exists()
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
-        assert _cli(env, "server", "status").returncode == 1
+        assert _server(monkeypatch, env, "status", capsys)[0] == 1
     finally:
-        _cli(env, "server", "stop")
+        _server(monkeypatch, env, "stop", capsys)
 
 
 def _kill_9_during_a_run(env: dict[str, str], runs: Path, out: Path) -> list[str]:
