@@ -9,6 +9,7 @@ import errno
 import json
 import logging
 import shutil
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -95,11 +96,18 @@ class _Writer:
         self.handle.close()
 
 
-def _no_lease_wait(monkeypatch) -> None:
-    def sleep(seconds: float) -> None:
+class _NoWait:
+    """The lease module's `time`, whose sleep (a wait for a lease) fails the test; nothing else's sleep is touched."""
+
+    def sleep(self, seconds: float) -> None:
         raise AssertionError("the dispatch waited for a lease")
 
-    monkeypatch.setattr(tasks.lease.time, "sleep", sleep)
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+
+def _no_lease_wait(monkeypatch) -> None:
+    monkeypatch.setattr(tasks.lease, "time", _NoWait())
 
 
 def test_a_full_disk_in_dispatch_fails_fast_naming_the_path_and_the_rerun_neither_waits_nor_loses_an_action(
