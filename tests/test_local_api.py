@@ -80,7 +80,7 @@ def _alive(pid: int) -> bool:
 
 def _server(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], action: str, capsys) -> tuple[int, str]:
     """`tracetriage server ACTION` in this process (no interpreter start), with the run's data dir."""
-    monkeypatch.setenv("TRACETRIAGE_HOME", env["TRACETRIAGE_HOME"])
+    monkeypatch.setenv("TRACETRIAGE_DATA", env["TRACETRIAGE_DATA"])
     code = main(["server", action])
     return code, capsys.readouterr().out
 
