@@ -21,7 +21,7 @@ from tasks.attribute import SPAN_COLUMNS, attribute_task
 from tasks.cache import stable_hash, work_epoch
 from tasks.config import FileSource, LangSmithSource, LoopConfig, RunnerConfig, source_identity
 from tasks.dispatch import Sinks, dispatch_task, unfinished_windows
-from tasks.evaluate import evaluate_task, evaluation_workers, start_evaluation_workers
+from tasks.evaluate import evaluate_task, evaluation_workers, start_evaluation_workers, stopped_by_sigterm
 from tasks.evaluators import import_ref
 from tasks.fetch import SourceSpans, WindowSpans, fetch_task, langsmith_fetch_task, source_fingerprint, source_path
 from tasks.langsmith import langsmith_client, meta_path, project_id, source_range, window_range
@@ -117,13 +117,15 @@ def triage_window(config: LoopConfig, window: WindowSpans, source_token: str, ou
     batches = list(range(window.batches))
     score_paths = [str(scores_dir / f"scores-{window_start:%Y%m%dT%H%M%SZ}-{eval_token or 'open'}-{b}.parquet")
                    for b in batches]
-    futures = evaluate_task.map(
-        unmapped(window.path), batches, unmapped(config.evaluators), unmapped(window_start), score_paths,
-        unmapped(eval_token), unmapped(1 if config.runner.dask_address else evaluation_workers(config.eval_workers)),
-        unmapped(EvaluationSettings(str(out_dir / "work"), config.max_worker_memory_bytes)),
-    )
-    spans = pq.read_table(window.path, columns=SPAN_COLUMNS + ["latency_s"]).to_pandas()  # while workers score
-    score_files = [f.result() for f in track_batches(futures, window_start, score_paths)]
+    with stopped_by_sigterm():  # from the first submitted batch: a SIGTERM must never wait for a hung evaluator
+        futures = evaluate_task.map(
+            unmapped(window.path), batches, unmapped(config.evaluators), unmapped(window_start), score_paths,
+            unmapped(eval_token),
+            unmapped(1 if config.runner.dask_address else evaluation_workers(config.eval_workers)),
+            unmapped(EvaluationSettings(str(out_dir / "work"), config.max_worker_memory_bytes)),
+        )
+        spans = pq.read_table(window.path, columns=SPAN_COLUMNS + ["latency_s"]).to_pandas()  # while workers score
+        score_files = [f.result() for f in track_batches(futures, window_start, score_paths)]
     raw_scores = pa.concat_tables([pq.read_table(path) for path in score_files])
     root_metadata = pa.concat_tables([pq.read_table(metadata_path(path)) for path in score_files]).to_pandas()
     judged, verdicts = partition_task(raw_scores, pa.array(spans.loc[spans["is_root"], "trace_id"]), config.evaluators)

@@ -12,7 +12,6 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import wait
 
 from tasks.batch_state import read_state, state_path
-from tasks.evaluate import stopped_by_sigterm
 
 Listener = Callable[[str, int, int, str], None]
 _listeners: list[Listener] = []
@@ -51,22 +50,21 @@ def track_batches(futures: Sequence[Any], window_start: datetime, score_paths: S
     artifact = create_progress_artifact(0.0, description=f"Evaluation batches, window {window_start.isoformat()}")
     logger = get_run_logger()
     pending, logged, shown = list(futures), time.monotonic(), (-1, -1)
-    with stopped_by_sigterm():
-        while pending:
-            pending = list(wait(pending, timeout=0.5).not_done)
-            done_batches = total - len(pending)
-            calls_done, calls_total, in_flight, retried = calls_progress(score_paths)
-            detail = f" ({in_flight} in flight, {retried} retried)"
-            report(stage, done_batches, total)
-            if calls_total:
-                report(calls_stage, calls_done, calls_total, detail)
-            if (done_batches, calls_done) != shown:
-                update_progress_artifact(artifact, 100.0 * done_batches / total,
-                                         description=f"Evaluation batches, window {window_start.isoformat()}: "
-                                                     f"{calls_done}/{calls_total} evaluator calls done{detail}")
-                shown = (done_batches, calls_done)
-            if calls_total and (not pending or time.monotonic() - logged >= _LOG_EVERY):
-                logger.info("evaluating window %s: %d/%d batches, %d/%d evaluator calls done%s",
-                            window_start.isoformat(), done_batches, total, calls_done, calls_total, detail)
-                logged = time.monotonic()
+    while pending:
+        pending = list(wait(pending, timeout=0.5).not_done)
+        done_batches = total - len(pending)
+        calls_done, calls_total, in_flight, retried = calls_progress(score_paths)
+        detail = f" ({in_flight} in flight, {retried} retried)"
+        report(stage, done_batches, total)
+        if calls_total:
+            report(calls_stage, calls_done, calls_total, detail)
+        if (done_batches, calls_done) != shown:
+            update_progress_artifact(artifact, 100.0 * done_batches / total,
+                                     description=f"Evaluation batches, window {window_start.isoformat()}: "
+                                                 f"{calls_done}/{calls_total} evaluator calls done{detail}")
+            shown = (done_batches, calls_done)
+        if calls_total and (not pending or time.monotonic() - logged >= _LOG_EVERY):
+            logger.info("evaluating window %s: %d/%d batches, %d/%d evaluator calls done%s",
+                        window_start.isoformat(), done_batches, total, calls_done, calls_total, detail)
+            logged = time.monotonic()
     return iter(futures)
