@@ -234,17 +234,22 @@ def _exit_codes(pool: ProcessPoolExecutor) -> dict[int, int | None]:
     return {pid: process.exitcode for pid, process in processes.items()}
 
 
+# What a forkserver worker's exit code reads as when the forkserver could not report it (a bystander stopped while
+# its pool broke shows it at random): not evidence that this batch's evaluator killed its worker.
+_UNKNOWN_EXIT = 255
+
+
 def _death_cause(state: BatchState, exit_codes: dict[int, int | None], configs: list[EvaluatorConfig],
                  settings: EvaluationSettings | None) -> tuple[str, str] | None:
     """(evaluator key, error message) when this batch's own worker died running an evaluator; else None.
 
-    The pool's manager ends the other workers with SIGTERM when one dies: a worker that ended so was a
-    bystander, and its batch is simply submitted again.
+    The pool's manager ends the other workers with SIGTERM when one dies: a worker that ended so (or whose end
+    could not be read) was a bystander, and its batch is simply submitted again; three such rounds fail the batch.
     """
     if not state.pid or state.evaluator < 0 or state.evaluator >= len(configs):
         return None
     code = exit_codes.get(state.pid)
-    if code == -signal.SIGTERM and not state.memory_over:
+    if code in (-signal.SIGTERM, _UNKNOWN_EXIT) and not state.memory_over:
         return None
     key = configs[state.evaluator].key
     if state.memory_over and settings and settings.max_worker_memory:
