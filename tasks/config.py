@@ -328,7 +328,8 @@ class EvaluatorConfig(_Strict):
                                                     "error row (a hung sync call is given up on at it).")
     max_concurrency: int | None = Field(
         None, ge=1, le=256, description="Evaluations in flight at once per batch; default 32 for async evaluators, "
-                                        "8 for sync ones (on threads); 1 calls one at a time."
+                                        "8 for sync ones (on threads; 1 for the CPU-bound built-ins); 1 calls one "
+                                        "at a time."
     )
     rate_limit: CallRateLimit | None = Field(
         None, description="At most `requests` calls each `per`, shared by every batch and process of the run "
