@@ -119,7 +119,18 @@ def _kill_workers(pool: ProcessPoolExecutor) -> None:
             process.kill()
 
 
-threading._register_atexit(_stop_evaluations)  # type: ignore[attr-defined]  # what concurrent.futures uses too
+_STARTERS: list[threading.Thread] = []  # threads starting worker processes (start_evaluation_workers)
+
+
+def _at_exit() -> None:
+    """Let worker starts in flight finish first (a few seconds at most): a worker killed while the forkserver still
+    hands it its start data prints a traceback, as a run with nothing to evaluate (an empty source) did."""
+    for starter in _STARTERS:
+        starter.join(timeout=5)
+    _stop_evaluations()
+
+
+threading._register_atexit(_at_exit)  # type: ignore[attr-defined]  # what concurrent.futures uses too
 
 
 def evaluation_workers(configured: int) -> int:
@@ -179,7 +190,9 @@ def start_evaluation_workers(workers: int) -> None:
                 for _ in range(workers):
                     pool.submit(os.getpid)
 
-        threading.Thread(target=start, daemon=True).start()
+        starter = threading.Thread(target=start, daemon=True)
+        _STARTERS[:] = [t for t in _STARTERS if t.is_alive()] + [starter]
+        starter.start()
 
 
 def _in_this_process_only(configs: list[EvaluatorConfig]) -> bool:
