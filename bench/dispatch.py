@@ -30,10 +30,14 @@ os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto logs every request
 
 from tasks.config import ActionConfig, LoopConfig, When  # noqa: E402
-from tasks.dispatch import ActionLog, Ledger, Plan, Sinks, action_id, dispatch_actions  # noqa: E402
+from tasks.connections import sinks_for  # noqa: E402
+from tasks.contracts import SendContext  # noqa: E402
+from tasks.dispatch import dispatch_actions  # noqa: E402
 from tasks.lease import DispatchLease  # noqa: E402
+from tasks.ledger import ActionLog, Ledger  # noqa: E402
+from tasks.plan import Plan, action_id  # noqa: E402
 from tasks.snapshot import SnapshotStore  # noqa: E402
-from tasks.webhook import Webhooks, send_webhooks  # noqa: E402
+from tasks.webhook import send_webhooks  # noqa: E402
 
 WINDOW = datetime(2026, 11, 2, tzinfo=UTC)
 
@@ -83,7 +87,8 @@ def main() -> None:
     config = LoopConfig(name="bench", actions=[ActionConfig(when=When(failing=True), do="webhook", url=receiver.url,
                                                             secret_env="BENCH_SECRET", name="hook", batch=100)])
     planned = plan(config, args.actions)
-    sinks = Sinks(webhooks=Webhooks({"hook": "bench-secret"}))
+    os.environ["BENCH_SECRET"] = "bench-secret"
+    context = SendContext(loop="bench", source="bench")
 
     send_webhooks(receiver.url, "bench-secret", planned.actions[:100], "hook", "bench", batch=100)  # warm up
     started = time.perf_counter()
@@ -108,13 +113,14 @@ def main() -> None:
             started = time.perf_counter()
             with DispatchLease(store, "bench") as lease:
                 ledger = Ledger(store, "bench", WINDOW, lease)
-                counts = dispatch_actions(config, planned, ledger, ActionLog(f"{tmp}/a.jsonl"), "", sinks)
+                counts = dispatch_actions(config, planned, ledger, sinks_for(config, ActionLog(f"{tmp}/a.jsonl")),
+                                          context, "")
             took = time.perf_counter() - started
             requests = receiver.requests - before
             segments = f"{ledger.written} ledger segments compacted to {len(store.listing(ledger.directory))}"
             started = time.perf_counter()
-            again = dispatch_actions(config, planned, Ledger(store, "bench", WINDOW), ActionLog(f"{tmp}/a.jsonl"),
-                                     "", sinks)
+            again = dispatch_actions(config, planned, Ledger(store, "bench", WINDOW),
+                                     sinks_for(config, ActionLog(f"{tmp}/a.jsonl")), context, "")
             rerun = time.perf_counter() - started
             assert counts.sent == args.actions and again.sent == 0 and receiver.requests - before == requests
             print(f"{where}: {args.actions:,} actions in {took:.2f} s ({args.actions / took:,.0f} actions/s), "

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from flows import local_api
-from tasks.config import ConfigError, FileSource, LangSmithSource, SnapshotConfig, load_config
+from tasks.config import DEFAULT_OUT, ConfigError, FileSource, LangSmithSource, SnapshotConfig, load_config
 from tasks.langsmith import LangSmithFetchError, LangSmithSourceError
 
 
@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
                                      "(overrides the config)")
     run.add_argument("--start", type=_moment, help="first window to triage (ISO time, UTC if no zone)")
     run.add_argument("--end", type=_moment, help="triage windows starting before this time")
-    run.add_argument("--out", default=".tracetriage", help="output directory (default: ./.tracetriage)")
+    run.add_argument("--out", default=DEFAULT_OUT, help="output directory (default: ./.tracetriage)")
     run.add_argument("--json", action="store_true", help="print one JSON document instead of the summary")
 
     sample = commands.add_parser("sample", help="write sample traces of a RAG/agent app with planted failures")
@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
                              "plants a spike in window 25 (repeatable)")
     report = commands.add_parser("report", help="trend table and chart of the snapshots, spikes marked")
     report.add_argument("--config", type=Path, help="loop config YAML: where snapshots are, spike settings")
-    report.add_argument("--out", type=Path, default=Path(".tracetriage"),
+    report.add_argument("--out", type=Path, default=Path(DEFAULT_OUT),
                         help="the state directory `run --out` wrote (default: ./.tracetriage); snapshots are read "
                              "from its snapshots/ unless the config or --snapshots names them")
     report.add_argument("--snapshots", help="snapshot URL (overrides the config and --out)")
@@ -125,7 +125,8 @@ def run_command(args: argparse.Namespace) -> int:
         elif args.source:
             config = config.model_copy(update={"source": FileSource(path=args.source)})
         server = _local_server()  # starts while the flow modules import and the config is checked
-        from flows.triage import triage, validate
+        from flows.triage import triage
+        from tasks.connections import validate
 
         validate(config)
     except (ConfigError, ValueError, FileNotFoundError, LangSmithSourceError) as exc:
@@ -282,8 +283,8 @@ def sample_command(args: argparse.Namespace) -> int:
 
 
 def report_command(args: argparse.Namespace) -> int:
+    from tasks.connections import open_store
     from tasks.report import format_table, report_period, trend_report
-    from tasks.snapshot import open_store
 
     try:
         config = load_config(args.config) if args.config else load_config(data={})

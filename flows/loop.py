@@ -30,8 +30,9 @@ from typing import Any
 from prefect import Flow, flow
 from prefect.deployments.runner import RunnerDeployment
 
-from flows.triage import DEFAULT_OUT, triage, validate
-from tasks.config import ActionConfig, EvaluatorConfig, FileSource, LangSmithSource, LoopConfig, When
+from flows.triage import triage
+from tasks.config import DEFAULT_OUT, ActionConfig, EvaluatorConfig, FileSource, LangSmithSource, LoopConfig, When
+from tasks.connections import validate
 from tasks.evaluators import register
 from tasks.langsmith import LangSmithSourceError
 

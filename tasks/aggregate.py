@@ -1,4 +1,4 @@
-"""Stage 5, aggregate: which failure modes dominate a window.
+"""Failure modes: which conditions dominate a window's failures, and the culprit spans' shares.
 
 For each span condition (span × evaluator below threshold, span × error, span
 latency outlier, root metadata value) it counts the failing and passing traces
@@ -19,6 +19,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.config import EvaluatorConfig
+from tasks.contracts import FailureModes, ScoredWindow, Verdicts
 from tasks.schemas import SCHEMA_VERSION
 
 EXAMPLES = 5
@@ -173,11 +174,10 @@ def root_cause_shares(attribution: pd.DataFrame, verdicts: pd.DataFrame, window_
 
 
 @task(name="aggregate", cache_policy=NO_CACHE)
-def aggregate_task(
-    spans: pd.DataFrame, scores: pd.DataFrame, verdicts: pd.DataFrame, attribution: pd.DataFrame,
-    configs: list[EvaluatorConfig], window_start: datetime, root_metadata: pd.DataFrame,
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    return (
-        failure_patterns(spans, scores, verdicts, configs, window_start, root_metadata),
-        root_cause_shares(attribution, verdicts, window_start),
-    )
+def aggregate_task(*, scored: ScoredWindow, verdicts: Verdicts, attribution: pd.DataFrame,
+                   configs: list[EvaluatorConfig]) -> FailureModes:
+    """The failure modes: patterns among the failures, and the culprit spans' shares."""
+    return FailureModes(
+        patterns=failure_patterns(scored.spans, verdicts.scores, verdicts.traces, configs, scored.window_start,
+                                  scored.root_metadata),
+        root_causes=root_cause_shares(attribution, verdicts.traces, scored.window_start))

@@ -1,4 +1,4 @@
-"""Stage 4, attribute: name the span inside each failing trace that caused the failure.
+"""Attribution: the span inside each failing trace that caused the failure.
 
 Candidates are the non-root spans of a failing trace that errored or that a span
 evaluator failed. A candidate whose own descendant is also a candidate is not
@@ -18,11 +18,13 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.contracts import ScoredWindow, Verdicts
 from tasks.schemas import SCHEMA_VERSION
 
 ERROR = "error"
 BELOW_THRESHOLD = "below_threshold"
 NO_UPSTREAM_CAUSE = "no_upstream_cause"
+REASONS = {BELOW_THRESHOLD: "low score", ERROR: "error", NO_UPSTREAM_CAUSE: "no upstream cause"}  # as people read them
 
 SPAN_COLUMNS = ["id", "trace_id", "name", "run_type", "status", "dotted_order", "is_root", "start_time"]
 
@@ -88,7 +90,6 @@ def span_attribution(
 
 
 @task(name="attribute", cache_policy=NO_CACHE)
-def attribute_task(
-    spans: pd.DataFrame, scores: pd.DataFrame, verdicts: pd.DataFrame, window_start: datetime
-) -> pd.DataFrame:
-    return span_attribution(spans, scores, verdicts, window_start)
+def attribute_task(*, scored: ScoredWindow, verdicts: Verdicts) -> pd.DataFrame:
+    """ATTRIBUTION: for each failing trace, the candidate spans and the culprit."""
+    return span_attribution(scored.spans, verdicts.scores, verdicts.traces, scored.window_start)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "work-files.json"
+WORK_FORMAT = 2  # bumped when cached results can no longer load (2: the stage contracts moved to tasks.contracts)
 log = logging.getLogger("tracetriage.cache")
 
 
@@ -115,4 +116,4 @@ def work_epoch(work_dir: Path) -> str:
         tmp = work_dir / f".epoch.{uuid.uuid4().hex}"
         tmp.write_text(uuid.uuid4().hex)
         tmp.replace(marker)
-    return stable_hash(marker.read_text().strip(), str(work_dir.resolve()))
+    return stable_hash(WORK_FORMAT, marker.read_text().strip(), str(work_dir.resolve()))

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import ipaddress
 import json
 import os
 import re
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlparse
 
 import yaml
 from pydantic import (
@@ -29,6 +31,7 @@ from pydantic import (
 _DURATION_PATTERN = r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$"
 _DURATION = re.compile(_DURATION_PATTERN)
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+DEFAULT_OUT = ".tracetriage"  # the state directory: snapshots, ledger, action log and work files
 MAX_WINDOW = timedelta(days=366)  # longer windows (or lags) push window ends past what a datetime holds
 # The same grammar in the JSON schema: Prefect's UI checks `pattern` before it creates a run, so "1 hour" is refused
 # in the form rather than on the worker.
@@ -249,6 +252,11 @@ class WindowConfig(_Strict):
     @property
     def lag_delta(self) -> timedelta:
         return parse_duration(self.lag)
+
+    def is_final(self, window_end: datetime) -> bool:
+        """Whether a window (or range) ending at `window_end` is closed: its end plus the lag has passed, so its
+        runs can no longer change and its work is cached."""
+        return datetime.now(UTC) >= window_end + self.lag_delta
 
 
 class SpanTarget(_Strict):
@@ -506,8 +514,6 @@ class ActionConfig(_Strict):
             kind = "spike: true" if self.when.spike else "pattern: ..."
             raise ValueError(f"`do: {self.do}` acts on runs; `when: {{{kind}}}` is about a window")
         if self.do == "webhook":
-            from tasks.webhook import check_url
-
             check_url(self.url)
             if bool(self.secret_env) == bool(self.secret_block):
                 raise ValueError("`do: webhook` needs one of `secret_env: VARIABLE` or `secret_block: NAME`")
@@ -518,8 +524,6 @@ class ActionConfig(_Strict):
             if self.credentials and not self.channel:
                 raise ValueError("`do: slack` with `credentials:` (a bot token) needs `channel: '#name'`")
             if self.api_url is not None:
-                from tasks.webhook import is_allowed_url
-
                 if not is_allowed_url(self.api_url):  # the bot token goes with every request
                     raise ValueError(f"`do: slack` api_url {self.api_url!r} must use https (http is allowed only to "
                                      f"localhost)")
@@ -668,6 +672,11 @@ class LoopConfig(_Strict):
                                  "sample source has none")
         return self
 
+    @property
+    def rule_evaluators(self) -> list[str]:
+        """The evaluators that action rules name (their scores are kept for dispatch)."""
+        return [a.when.evaluator for a in self.actions if a.when.evaluator]
+
     def action_name(self, index: int) -> str:
         action = self.actions[index]
         return action.name or f"{action.do}-{index}"
@@ -713,6 +722,27 @@ def default_evaluators() -> list[EvaluatorConfig]:
             target=SpanTarget(name="answer_llm"),
         ),
     ]
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def is_allowed_url(url: str) -> bool:
+    """https to a host, or plain http to this machine only (tests, a local relay)."""
+    parsed = urlparse(url)
+    return bool(parsed.netloc) and (parsed.scheme == "https"
+                                    or (parsed.scheme == "http" and is_loopback(parsed.hostname or "")))
+
+
+def check_url(url: str) -> str:
+    """Webhooks go over https; plain http only to this machine."""
+    if is_allowed_url(url):
+        return url
+    raise ValueError(f"webhook url {url!r} must use https (http is allowed only to localhost)")
 
 
 class ConfigError(ValueError):

@@ -1,4 +1,4 @@
-"""Stage 2, evaluate: score batches of whole traces, in a pool of worker processes, as Prefect tasks.
+"""Evaluation of a window: batches of whole traces scored in a pool of worker processes, as Prefect tasks.
 
 The scoring itself is `tasks/scoring.py`, which the worker processes import.
 """
@@ -22,14 +22,19 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from prefect import task
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import task, unmapped
 from prefect.tasks import exponential_backoff
 
+from tasks.attribute import SPAN_COLUMNS
 from tasks.batch_state import BatchState, read_state, state_path
-from tasks.cache import stage_cache_key
-from tasks.config import EvaluatorConfig
+from tasks.cache import stable_hash, stage_cache_key
+from tasks.config import EvaluatorConfig, LoopConfig
+from tasks.contracts import ScoredWindow, WindowSpans
 from tasks.evaluator_calls import STOPPING, EvaluationStopped
-from tasks.scoring import EvaluationSettings, evaluate_batch_file
+from tasks.progress import track_batches
+from tasks.scoring import EvaluationSettings, bind_all, evaluate_batch_file, metadata_path
 
 _POOL: ProcessPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
@@ -301,3 +306,36 @@ def evaluate_task(
     cache_token: str | None, workers: int = 1, settings: EvaluationSettings | None = None,
 ) -> str:
     return evaluate_batch(spans_path, batch, configs, window_start, out_path, workers, settings)
+
+
+def prepare_evaluation(config: LoopConfig) -> None:
+    """Start the evaluation workers (they import while the source loads); on Dask, its workers evaluate."""
+    if not config.runner.dask_address:
+        start_evaluation_workers(evaluation_workers(config.eval_workers))
+
+
+def evaluate_window(*, config: LoopConfig, window: WindowSpans, source_token: str, out: str) -> ScoredWindow:
+    """A window scored in batches, each an `evaluate` task (cached once the window is final, retried), while the
+    spans later stages read are loaded. A SIGTERM gives up the evaluations in flight (never waits for a hung
+    evaluator)."""
+    window_start = window.window_start
+    window_end = window_start + config.window.size_delta
+    eval_token = stable_hash(source_token, window_start, [e.model_dump() for e in config.evaluators],
+                             [e.source_hash for e in bind_all(config.evaluators)]) \
+        if config.window.is_final(window_end) else None
+    scores_dir = Path(window.path).parent
+    batches = list(range(window.batches))
+    score_paths = [str(scores_dir / f"scores-{window_start:%Y%m%dT%H%M%SZ}-{eval_token or 'open'}-{b}.parquet")
+                   for b in batches]
+    workers = 1 if config.runner.dask_address else evaluation_workers(config.eval_workers)
+    settings = EvaluationSettings(str(Path(out) / "work"), config.max_worker_memory_bytes)
+    with stopped_by_sigterm():  # from the first submitted batch
+        futures = evaluate_task.map(unmapped(window.path), batches, unmapped(config.evaluators),
+                                    unmapped(window_start), score_paths, unmapped(eval_token), unmapped(workers),
+                                    unmapped(settings))
+        spans = pq.read_table(window.path, columns=SPAN_COLUMNS + ["latency_s"]).to_pandas()  # while workers score
+        score_files = [f.result() for f in track_batches(futures, window_start, score_paths)]
+    return ScoredWindow(
+        window=window, window_end=window_end, spans=spans,
+        scores=pa.concat_tables([pq.read_table(path) for path in score_files]),
+        root_metadata=pa.concat_tables([pq.read_table(metadata_path(path)) for path in score_files]).to_pandas())

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from tasks.config import CallRateLimit, CallRetry
+from tasks.contracts import error_text
 
 DEFAULT_ASYNC_CONCURRENCY = 32
 DEFAULT_SYNC_CONCURRENCY = 8
@@ -42,10 +43,6 @@ class EvaluationStopped(RuntimeError):
 
 class EvaluatorExited(Exception):
     """An evaluator called sys.exit(): an error row, never the end of the process."""
-
-
-def describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"[:500]
 
 
 @dataclass
@@ -181,7 +178,7 @@ def _settled(returned: Any, settle: Callable[[Any], R], failed: Callable[[str], 
     try:
         return settle(returned)
     except Exception as exc:
-        return failed(describe(exc))
+        return failed(error_text(exc))
 
 
 # --- sync evaluators: lanes ------------------------------------------------------------------------------
@@ -248,11 +245,11 @@ def call_in_lanes(items: list[T], call: Callable[[T], Any], outcomes: Outcomes[R
             try:
                 returned = call(items[i])
             except SystemExit as exc:
-                return failed(describe(EvaluatorExited(f"the evaluator called sys.exit({exc.code!r})")))
+                return failed(error_text(EvaluatorExited(f"the evaluator called sys.exit({exc.code!r})")))
             except BaseException as exc:  # noqa: BLE001 - whatever an evaluator raises is its error row
                 wait = policy.retry_wait(attempt, exc)
                 if wait is None:
-                    return failed(describe(exc))
+                    return failed(error_text(exc))
                 time.sleep(wait)
                 continue
             finally:
@@ -336,7 +333,7 @@ async def _call_async(items: list[T], call: Callable[[T], Awaitable[Any]], outco
             except Exception as exc:
                 wait = policy.retry_wait(attempt, exc)
                 if wait is None:
-                    return failed(describe(exc))
+                    return failed(error_text(exc))
                 await asyncio.sleep(wait)
                 continue
             finally:

@@ -1,4 +1,5 @@
-"""Stage 1, fetch: a source's spans, grouped by trace into aligned windows, as Parquet work files.
+"""A source as windows: its runs (a LangSmith project fetched, a file, the sample) grouped by trace into
+aligned windows, as Parquet work files.
 
 A trace belongs to the window that holds its root's start time, with all its
 spans, even those that start after the window ends. Spans whose trace has no
@@ -10,12 +11,12 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -23,43 +24,22 @@ import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 from prefect.tasks import exponential_backoff
 
-from tasks.cache import stable_hash, stage_cache_key, write_manifest
-from tasks.config import FileSource, LangSmithSource, SampleSource
-from tasks.langsmith import FetchStats, LangSmithSourceError, fetch_runs, langsmith_client
+from tasks.cache import stable_hash, stage_cache_key, work_epoch, write_manifest
+from tasks.config import FileSource, LangSmithSource, LoopConfig, SampleSource
+from tasks.connections import langsmith_client
+from tasks.contracts import SourceSpans, SourceWindows, WindowSpans
+from tasks.langsmith import FetchStats, LangSmithSourceError, fetch_runs, meta_path, source_range
 from tasks.progress import report
-from tasks.records import RECORDS_KEY, Skipped, load_spans
+from tasks.records import RECORDS_KEY, Skipped, check_records_file, load_spans
 from tasks.sample import generate_traces, write_sample
 
 ORPHAN = "span whose trace root is not in the source"
 
 
-@dataclass
-class WindowSpans:
-    """One window's spans in a Parquet file, one row group per evaluation batch of whole traces."""
-
-    window_start: datetime
-    path: str
-    batches: int
-    traces: int
-    spans: int
-    orphans: int = 0  # spans of this window skipped because their trace root is not in the source
-
-
-@dataclass
-class SourceSpans:
-    """Every window of a source, and what was skipped reading it."""
-
-    windows: list[WindowSpans]
-    skipped: dict[str, Any]
-
-
 def source_path(source: FileSource | SampleSource, out_dir: Path) -> Path:
     """The run-records file of a source; the sample source is generated on first use."""
     if isinstance(source, FileSource):
-        path = Path(source.path).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(f"source file {path} does not exist; check source.path")
-        return path
+        return check_records_file(source.path)
     path = out_dir / "sources" / f"sample-{source.traces}-seed{source.seed}-{source.hours}h.jsonl"
     if not path.exists():
         write_sample(path, generate_traces(source.traces, seed=source.seed, hours=source.hours))
@@ -192,3 +172,24 @@ def langsmith_fetch_task(
     logger.info("LangSmith %s: %d runs of %s .. %s in %d requests (%d retried, %d rate-limited)", stats.api,
                 stats.runs, start.isoformat(), end.isoformat(), stats.requests, stats.retries, stats.rate_limited)
     return out_path
+
+
+def read_source(*, config: LoopConfig, start: datetime | None, end: datetime | None, out: str) -> SourceWindows:
+    """The run's source as windows of spans: a LangSmith project fetched to a run-records file (cached once the
+    range is final), an exported file, or the sample traces; then windowed (cached by the file's fingerprint)."""
+    out_dir = Path(out)
+    epoch = work_epoch(out_dir / "work")
+    size, trace_url = config.window.size_delta, None
+    if isinstance(config.source, LangSmithSource):
+        start, end = source_range(langsmith_client(config.source.credentials), config.source, start, end, size,
+                                  config.window.lag_delta)
+        fetched_at = stable_hash(config.source.model_dump(), start, end)
+        path = Path(langsmith_fetch_task(config.source, start, end, size,
+                                         str(out_dir / "work" / "langsmith" / f"{fetched_at}.jsonl"),
+                                         stable_hash(fetched_at, epoch) if config.window.is_final(end) else None))
+        trace_url = orjson.loads(meta_path(path).read_bytes())["trace_url"]
+    else:
+        path = source_path(config.source, out_dir)
+    token = stable_hash(source_fingerprint(path), config.window.size, config.batch_size, epoch)
+    spans = fetch_task(str(path), size, config.batch_size, str(out_dir / "work" / "sources" / token), token)
+    return SourceWindows(path=path, token=token, spans=spans, start=start, end=end, trace_url=trace_url)

@@ -51,13 +51,6 @@ class LangSmithFetchError(RuntimeError):
     """A fetch that kept failing after every retry (the task's own retry may still succeed)."""
 
 
-def langsmith_client(credentials: str | None) -> Client:
-    """The one place clients are made: a LangSmithCredentials block by name, else the LANGSMITH_* environment."""
-    from blocks.langsmith import LangSmithCredentials
-
-    return (LangSmithCredentials.load(credentials) if credentials else LangSmithCredentials()).get_client()
-
-
 class RateLimiter:
     """At most `requests` sends in any `per_seconds` (a sliding window, as LangSmith counts), shared by threads.
 
@@ -356,12 +349,12 @@ def attach_examples(client: Client, runs: list[dict[str, Any]], dataset_id: Any,
     return found
 
 
-def source_range(source: LangSmithSource, start: datetime | None, end: datetime | None, size: timedelta,
-                 lag: timedelta) -> tuple[datetime, datetime]:
+def source_range(client: Client, source: LangSmithSource, start: datetime | None, end: datetime | None,
+                 size: timedelta, lag: timedelta) -> tuple[datetime, datetime]:
     """The windows a LangSmith run triages: `[start, end)` aligned; by default the last closed window, or for
     an experiment every window its runs started in."""
     if source.experiment and start is None:
-        project = source_project(langsmith_client(source.credentials), source.project)
+        project = source_project(client, source.project)
         first = project.start_time
         last = getattr(project, "last_run_start_time", None) or project.end_time or datetime.now(UTC)
         return window_range(_aware(first), _aware(last) + timedelta(microseconds=1), size, lag)

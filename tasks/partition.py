@@ -1,4 +1,4 @@
-"""Stage 3, partition: each score is pass / fail / error by its evaluator's threshold; each trace too.
+"""Verdicts: each score is pass / fail / error by its evaluator's threshold; each trace too.
 
 An evaluator error (it raised, timed out, or returned nothing usable) is its own
 class: it never counts as a failure. A trace fails when any root evaluator fails
@@ -16,6 +16,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.config import EvaluatorConfig
+from tasks.contracts import ScoredWindow, Verdicts
 from tasks.schemas import EVALUATORS, SCHEMA_VERSION, SCORES
 
 NO_SCORE = "returned no score; give a numeric score, or set pass_values for categorical values"
@@ -88,8 +89,11 @@ def scores_for_analysis(scores: pa.Table, evaluators_in_rules: list[str]) -> pd.
 
 
 @task(name="partition", cache_policy=NO_CACHE)
-def partition_task(
-    scores: pa.Table, traces: pa.Array, configs: list[EvaluatorConfig]
-) -> tuple[pa.Table, pd.DataFrame]:
-    judged = score_statuses(scores, configs)
-    return judged, trace_verdicts(judged, traces)
+def partition_task(*, scored: ScoredWindow, configs: list[EvaluatorConfig], rule_evaluators: list[str]) -> Verdicts:
+    """Every score judged, a verdict per trace, and the scores later stages read (failed span scores and the
+    scores of the evaluators that rules name)."""
+    judged = score_statuses(scored.scores, configs)
+    counts = status_counts(judged)
+    return Verdicts(judged=judged, traces=trace_verdicts(judged, scored.root_trace_ids()),
+                    scores=scores_for_analysis(judged, rule_evaluators), counts=counts,
+                    evaluators=evaluators_table(counts, configs, scored.window_start))

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pandas as pd
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
 
-from tasks.config import SpikeConfig, parse_duration
+from tasks.attribute import REASONS
+from tasks.config import LoopConfig, SpikeConfig, parse_duration
+from tasks.connections import open_store
 from tasks.snapshot import SnapshotStore
+from tasks.summary import artifact_key, trace_text
 from tasks.trends import new_failure_modes, read_series, spike_checks
 
 TOP_MODES = 4
@@ -63,9 +71,6 @@ def top_modes(series: pd.DataFrame, top: int = TOP_MODES) -> list[str]:
     """The root causes with the most failing traces over the period."""
     causes = series[series["kind"] == "root_cause"]
     return causes.groupby("series")["count"].sum().sort_values(ascending=False).index[:top].tolist()
-
-
-REASONS = {"below_threshold": "low score", "error": "error", "no_upstream_cause": "no upstream cause"}
 
 
 def mode_label(series: str) -> str:
@@ -149,3 +154,33 @@ def trend_chart(series: pd.DataFrame, flagged: pd.DataFrame) -> bytes:
 def report_period(report: TrendReport) -> str:
     first, last = report.table["window"].iloc[0], report.table["window"].iloc[-1]
     return f"{report.windows} windows, {first} .. {last} UTC"
+
+
+@task(name="trend-report", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def report_task(config: LoopConfig, since: str, out: str) -> TrendReport:
+    return trend_report(open_store(config.snapshots, Path(out) / "snapshots"), since, config.spikes)
+
+
+@task(name="publish-trend-report", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def publish_report(report: TrendReport, chart_path: str, loop: str) -> None:
+    rows = shown_table(report.table).to_dict("records")
+    create_table_artifact(table=rows, key=artifact_key(loop, "trend-table"),
+                          description=f"{loop}: trend series, {report_period(report)}")
+    image = base64.b64encode(report.chart_png).decode()
+    spikes = [f"- {row.window_start:%Y-%m-%d %H:%M}: **{trace_text(row.series)}** at {row.rate:.1%}"
+              for row in report.spikes.itertuples()] or ["- none"]
+    create_markdown_artifact(
+        key=artifact_key(loop, "trend-report"),
+        description=f"{loop}: failure rate and top failure modes, {report_period(report)}",
+        markdown="\n".join([f"# Trends: {report_period(report)}", "", f"![trend chart](data:image/png;base64,{image})",
+                            "", "## Spikes", "", *spikes, "",
+                            f"The chart is also written on the machine that ran this flow, as `{chart_path}`."]),
+    )
+
+
+def write_chart(report: TrendReport, out: str) -> Path:
+    """The chart as `trend.png` in the state directory, on the machine that ran the report."""
+    chart = Path(out) / "trend.png"
+    chart.parent.mkdir(parents=True, exist_ok=True)
+    chart.write_bytes(report.chart_png)
+    return chart

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
+from collections.abc import Callable
 from typing import Any
 from urllib.error import URLError
 from urllib.parse import urlsplit
@@ -36,10 +36,10 @@ from slack_sdk.models.blocks import (
     SectionBlock,
 )
 
-from tasks.config import SLACK_TOKEN_ENV, SLACK_WEBHOOK_ENV, ActionConfig
-from tasks.webhook import is_allowed_url
+from tasks.config import ActionConfig, is_allowed_url
+from tasks.contracts import MIN_LIFT, Action, Outcome, SendContext, error_text
+from tasks.webhook import idempotency_key
 
-Outcome = tuple[str, Any]
 RETRIES = 3
 TOP_MODES = 5
 EXAMPLES = 5
@@ -78,14 +78,21 @@ def redacting_logger(secret: str, shown: str = "***") -> logging.Logger:
     return logger
 
 
-def _webhook_client(url: str, origin: str) -> WebhookClient:
-    """An incoming-webhook client; the URL is the credential, so errors about it never show it."""
+def webhook_target(url: str, origin: str) -> SlackTarget:
+    """An incoming webhook as a target; the URL is the credential, so errors about it never show it."""
     if not is_allowed_url(url):
         raise ValueError(f"the Slack webhook URL in {origin} must be https://hooks.slack.com/services/... (not "
                          f"shown: it is a secret)")
     parts = urlsplit(url)
-    return WebhookClient(url, retry_handlers=retry_handlers(),
-                         logger=redacting_logger(url, f"{parts.scheme}://{parts.netloc}/services/***"))
+    return SlackTarget(webhook=WebhookClient(url, retry_handlers=retry_handlers(), logger=redacting_logger(
+        url, f"{parts.scheme}://{parts.netloc}/services/***")))
+
+
+def bot_target(token: str, channel: str | None, api_url: str | None = None) -> SlackTarget:
+    """A bot token and a channel as a target (`chat.postMessage`); `api_url` for a Slack-compatible server."""
+    base = {"base_url": api_url} if api_url else {}
+    return SlackTarget(web=WebClient(token=token, retry_handlers=retry_handlers(), logger=redacting_logger(token),
+                                     **base), channel=channel)
 
 
 class SlackTarget:
@@ -117,34 +124,10 @@ class SlackTarget:
         except (URLError, OSError) as exc:
             return "failed", self._redacted(f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}")
         except Exception as exc:  # noqa: BLE001 - slack_sdk's own errors quote the URL: recorded, redacted
-            return "failed", self._redacted(f"{type(exc).__name__}: {exc}")
+            return "failed", self._redacted(error_text(exc, 10_000))
 
     def _redacted(self, message: str) -> str:
         return message.replace(self._secret, "***")[:300]
-
-
-def slack_target(rule: ActionConfig) -> SlackTarget:
-    """The rule's target: its SlackWebhook `block`, its SlackCredentials `credentials`, else the environment."""
-    if rule.block:
-        from prefect_slack import SlackWebhook
-
-        url = SlackWebhook.load(rule.block).url.get_secret_value()
-        return SlackTarget(webhook=_webhook_client(url, f"SlackWebhook block {rule.block!r}"))
-    token = None
-    if rule.credentials:
-        from prefect_slack import SlackCredentials
-
-        token = SlackCredentials.load(rule.credentials).token.get_secret_value()
-    elif os.environ.get(SLACK_WEBHOOK_ENV):
-        return SlackTarget(webhook=_webhook_client(os.environ[SLACK_WEBHOOK_ENV], f"${SLACK_WEBHOOK_ENV}"))
-    elif os.environ.get(SLACK_TOKEN_ENV) and rule.channel:
-        token = os.environ[SLACK_TOKEN_ENV]
-    if token is None:
-        raise ValueError(f"`do: slack` needs `block:` (a SlackWebhook block), `credentials:` and `channel:` (a "
-                         f"SlackCredentials block), ${SLACK_WEBHOOK_ENV}, or ${SLACK_TOKEN_ENV} with `channel:`")
-    base = {"base_url": rule.api_url} if rule.api_url else {}
-    web = WebClient(token=token, retry_handlers=retry_handlers(), logger=redacting_logger(token), **base)
-    return SlackTarget(web=web, channel=rule.channel)
 
 
 def markdown_section(text: str) -> SectionBlock:
@@ -178,7 +161,7 @@ def failure_modes(window: dict[str, Any]) -> str:
     lines = [f"• {c['share']:.0%} *{esc(c['span_name'])}* ({c['reason']}), {c['traces']} traces"
              for c in window.get("root_causes", [])[:TOP_MODES]]
     lines += [f"• {p['fail_share']:.0%} of failures (vs {_pct(p['pass_share'])} of passes): {esc(p['condition'])}"
-              for p in window.get("patterns", [])[:TOP_MODES] if p["lift"] is None or p["lift"] >= 1.2]
+              for p in window.get("patterns", [])[:TOP_MODES] if p["lift"] is None or p["lift"] >= MIN_LIFT]
     return "\n".join(lines) or "no failure mode stands out"
 
 
@@ -293,3 +276,25 @@ def message(records: list[dict[str, Any]], rule: ActionConfig, window: dict[str,
     if first.get("event") == "pattern":
         return pattern_message(first, window, loop, flow_run_url, runs, rule.include_io)
     return traces_message(records, first["action"], window, loop, flow_run_url, runs, rule.include_io)
+
+
+class Slack:
+    """The `slack` sink: one message per send, to the rule's target (resolved when the sinks are made, or, for a
+    message a call asked for, by `resolve` when it is sent). A rule's matched traces go in one message."""
+
+    def __init__(self, targets: dict[str, SlackTarget], resolve: Callable[[ActionConfig], SlackTarget]):
+        self.targets, self.resolve = targets, resolve
+
+    def __repr__(self) -> str:
+        return f"Slack({self.targets!r})"
+
+    def chunk(self, rule: ActionConfig, first: Action, total: int) -> int:
+        return total if first["trace_id"] is not None else 1
+
+    def send(self, rule: ActionConfig, actions: list[Action], context: SendContext) -> list[Outcome]:
+        target = self.targets.get(actions[0]["action"]) or self.resolve(rule)
+        window = {} if context.summary is None else {**context.summary.as_dict(),
+                                                     "trace_url": context.summary.trace_url}
+        text, blocks = message(actions, rule, window, context.loop, context.flow_run_url,
+                               context.runs() if rule.include_io else {})
+        return [target.post(text, blocks, idempotency_key(actions))] * len(actions)

@@ -1,4 +1,4 @@
-"""Stage 6, snapshot: each window's tables as Parquet, one Hive partition per table and window.
+"""The snapshot store: each window's tables as Parquet, one Hive partition per table and window, on a disk, S3 or GCS.
 
 Layout under the store's URL: `<table>/window_start=<ISO>/part-0.parquet`. A
 partition is one file, so replacing it is atomic: on a local disk the file is
@@ -28,7 +28,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from tasks.config import SnapshotConfig
+from tasks.contracts import WindowTriage
 from tasks.schemas import SCHEMA_VERSION, SNAPSHOT_TABLES, SPANS_SNAPSHOT
 
 PART = "part-0.parquet"
@@ -252,15 +252,6 @@ def write_snapshot(store: SnapshotStore, window_start: datetime, tables: dict[st
     return store.url
 
 
-def open_store(snapshots: SnapshotConfig, default_url: str | Path) -> SnapshotStore:
-    """The store a loop config names: its SnapshotStorage block, its URL, or `default_url`."""
-    if snapshots.block:
-        from blocks.storage import SnapshotStorage
-
-        return SnapshotStorage.load(snapshots.block).get_store()
-    return SnapshotStore(snapshots.url or str(default_url), snapshots.storage_options)
-
-
 def read_table(root: str | SnapshotStore, table_name: str) -> pa.Table:
     """All windows of one snapshot table."""
     store = root if isinstance(root, SnapshotStore) else SnapshotStore(str(root))
@@ -271,3 +262,14 @@ def read_table(root: str | SnapshotStore, table_name: str) -> pa.Table:
       retry_condition_fn=not_disk_full)
 def snapshot_task(store: SnapshotStore, window_start: datetime, tables: dict[str, pa.Table]) -> str:
     return write_snapshot(store, window_start, tables)
+
+
+def snapshot_window(*, store: SnapshotStore, triage: WindowTriage, spans: bool, in_flow: bool = False) -> Any:
+    """The window's snapshot tables (with `spans`, its spans too), written while dispatch runs: a future, or with
+    `in_flow` (a Dask runner: submitting would ship the tables to a worker) a state, written now."""
+    tables = triage.tables()
+    if spans:
+        tables["spans"] = spans_snapshot(triage.scored.window.path, triage.window_start)
+    if in_flow:
+        return snapshot_task(store, triage.window_start, tables, return_state=True)
+    return snapshot_task.submit(store, triage.window_start, tables)

@@ -9,17 +9,22 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
+import orjson
 import pandas as pd
-from prefect import task
+import pyarrow as pa
+from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
+from prefect.utilities.urls import url_for
 
-from tasks.config import EvaluatorConfig
-from tasks.report import REASONS
+from tasks.attribute import REASONS
+from tasks.config import EvaluatorConfig, FileSource, LangSmithSource, LoopConfig
+from tasks.contracts import MIN_LIFT, SourceWindows, Verdicts, WindowSummary, WindowTriage
+from tasks.prefect_events import window_resource
+from tasks.schemas import SCHEMA_VERSION, WINDOWS
 
 TOP = 10
-MIN_LIFT = 1.2
 
 
 def _records(frame: pd.DataFrame, columns: list[str]) -> list[dict[str, Any]]:
@@ -29,39 +34,46 @@ def _records(frame: pd.DataFrame, columns: list[str]) -> list[dict[str, Any]]:
     return out
 
 
-def window_summary(
-    window_start: datetime, window_end: datetime, traces: int, spans: int, skipped: int,
-    status_counts: dict[tuple[str, str], int], verdicts: pd.DataFrame, configs: list[EvaluatorConfig],
-    root_causes: pd.DataFrame, patterns: pd.DataFrame, actions: dict[str, int], spike: dict[str, Any] | None,
-    snapshot_uri: str, trace_url: str | None = None,
-) -> dict[str, Any]:
-    """The window's JSON summary; with `trace_url` (a LangSmith source), example traces come with their links."""
+def window_summary(*, triage: WindowTriage, skipped: int, configs: list[EvaluatorConfig],
+                   spike: dict[str, Any] | None, trace_url: str | None = None) -> WindowSummary:
+    """The window as people read it (actions and the snapshot's URL come after dispatch); with `trace_url` (a
+    LangSmith source), example traces come with their links."""
+    counts = triage.verdicts.counts
     evaluators = {
         c.key: {"threshold": c.threshold,
-                **{s: int(status_counts.get((c.key, s), 0)) for s in ("pass", "fail", "error")}}
+                **{s: int(counts.get((c.key, s), 0)) for s in ("pass", "fail", "error")}}
         for c in configs
     }
-    patterns = patterns.assign(example_trace_ids=patterns["example_trace_ids"].map(list))
-    root_causes = root_causes.assign(example_trace_ids=root_causes["example_trace_ids"].map(list))
-    summary = {
-        "window_start": window_start.isoformat(),
-        "window_end": window_end.isoformat(),
-        "traces": traces,
-        "spans": spans,
-        "skipped_records": skipped,
-        "evaluators": evaluators,
-        "failing_traces": int((verdicts["verdict"] == "fail").sum()),
-        "root_causes": _records(root_causes, ["span_name", "reason", "traces", "share", "example_trace_ids"]),
-        "patterns": _records(patterns, ["condition", "kind", "span_name", "detail", "failing_traces", "fail_share",
-                                        "pass_share", "lift", "example_trace_ids"]),
-        "actions": actions,
-        "spike": spike,
-        "snapshot_uri": snapshot_uri,
-    }
+    modes = triage.modes
+    patterns = modes.patterns.assign(example_trace_ids=modes.patterns["example_trace_ids"].map(list))
+    root_causes = modes.root_causes.assign(example_trace_ids=modes.root_causes["example_trace_ids"].map(list))
+    summary = WindowSummary(
+        window_start=triage.window_start, window_end=triage.window_end, traces=triage.scored.window.traces,
+        spans=triage.scored.window.spans, skipped_records=skipped, evaluators=evaluators,
+        failing_traces=triage.verdicts.count("fail"),
+        root_causes=_records(root_causes, ["span_name", "reason", "traces", "share", "example_trace_ids"]),
+        patterns=_records(patterns, ["condition", "kind", "span_name", "detail", "failing_traces", "fail_share",
+                                     "pass_share", "lift", "example_trace_ids"]),
+        spike=spike, trace_url=trace_url)
     if trace_url:
-        for item in summary["root_causes"] + summary["patterns"]:
-            item["example_trace_urls"] = [f"{trace_url}{t}?trace_id={t}" for t in item["example_trace_ids"]]
+        for item in summary.root_causes + summary.patterns:
+            item["example_trace_urls"] = [summary.url_of(t) for t in item["example_trace_ids"]]
     return summary
+
+
+def windows_table(summary: WindowSummary, verdicts: Verdicts) -> pa.Table:
+    """The window's row of the snapshots' `windows` table: its counts, summary and spike (what spike episodes and
+    trend reports read)."""
+    spike = summary.spike
+    return pa.Table.from_pylist([{
+        "window_start": summary.window_start, "window_end": summary.window_end, "traces": summary.traces,
+        "spans": summary.spans, "skipped_records": summary.skipped_records,
+        "failing_traces": verdicts.count("fail"), "passing_traces": verdicts.count("pass"),
+        "error_traces": verdicts.count("error"),
+        "summary_json": orjson.dumps({k: v for k, v in summary.as_dict().items() if k != "snapshot_uri"}).decode(),
+        "schema_version": SCHEMA_VERSION, "spike": spike is not None,
+        "spike_json": None if spike is None else orjson.dumps(spike).decode(),
+    }], schema=WINDOWS)
 
 
 def summary_text(window: dict[str, Any], top: int = 5) -> str:
@@ -260,13 +272,6 @@ def rollup_text(rows: list[dict[str, Any]]) -> str:
     return pd.DataFrame(rows).to_string(index=False)
 
 
-def window_resource(loop: str, window_start: str) -> dict[str, str]:
-    """The Prefect event resource of a loop's window."""
-    return {"prefect.resource.id": f"tracetriage.window.{loop}.{window_start}",
-            "prefect.resource.name": f"{loop} {window_start}", "tracetriage.loop": loop,
-            "tracetriage.window_start": window_start}
-
-
 def window_events(window: dict[str, Any], loop: str, source: str) -> list[dict[str, Any]]:
     """Prefect events for a triaged window, and for its spike: what Automations trigger on.
 
@@ -315,3 +320,46 @@ def publish_rollup(rows: list[dict[str, Any]], loop: str, period: str) -> None:
     # A plain URL: the v1 UI links it; v2 shows table cells as text (a markdown link would show raw there).
     create_table_artifact(table=rows or [{"window": "none", "traces": 0}], key=artifact_key(loop, "rollup"),
                           description=f"{loop}: {len(rows)} windows triaged, {period}")
+
+
+def source_label(config: LoopConfig, source: SourceWindows) -> str:
+    """The source as a person names it in a message."""
+    if isinstance(config.source, LangSmithSource):
+        return f"LangSmith project {config.source.project!r}"
+    if isinstance(config.source, FileSource):
+        return f"source file {source.path}"
+    return f"the sample traces (seed {config.source.seed}, {config.source.traces} traces)"
+
+
+def period(start: datetime | None, end: datetime | None) -> str:
+    if start is None and end is None:
+        return "every window"
+    return f"{'the first window' if start is None else f'{start:%Y-%m-%d %H:%M}'} .. " \
+           f"{'the last window' if end is None else f'{end:%Y-%m-%d %H:%M} UTC'}"
+
+
+def range_result(config: LoopConfig, source: SourceWindows, states: list[Any]) -> dict[str, Any]:
+    """A run's answer for one range: each window's summary and flow run, and a warning when it held no traces."""
+    result = {"source": str(source.path), "skipped": source.spans.skipped, "windows": [s.result() for s in states],
+              "window_runs": [str(s.state_details.flow_run_id) for s in states],
+              "range": period(source.start, source.end)}
+    if not states:
+        held = [w.window_start for w in source.spans.windows]
+        holds = (f"it holds {len(held)} windows, {held[0]:%Y-%m-%d %H:%M} .. {held[-1]:%Y-%m-%d %H:%M} UTC"
+                 if held else "it holds no traces at all")
+        result["warning"] = f"no traces of {source_label(config, source)} in {result['range']}; {holds}"
+    return result
+
+
+def report_rollup(loop: str, results: list[dict[str, Any]]) -> None:
+    """The answer on the run a person started: the roll-up table artifact, the same table as the last log lines,
+    and a WARNING when the range held no traces."""
+    rows = [rollup_row(window, url_for("flow-run", obj_id=run))
+            for result in results for window, run in zip(result["windows"], result["window_runs"], strict=True)]
+    ranges = ", ".join(r["range"] for r in results)
+    publish_rollup(rows, loop, ranges)
+    logger = get_run_logger()
+    logger.info("%s: %d windows triaged, %s\n%s", loop, len(rows), ranges, rollup_text(rows))
+    for result in results:
+        if result.get("warning"):
+            logger.warning(result["warning"])

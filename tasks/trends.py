@@ -1,4 +1,4 @@
-"""Stage 7, trends: per-window series from snapshots, and spikes against a trailing baseline.
+"""Trends: per-window series from the snapshots, and spikes against a trailing baseline.
 
 Series (one row per window and series, `window_series`):
 - `failure_rate`: failing traces / traces;
@@ -24,7 +24,7 @@ import contextlib
 import math
 import warnings
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -34,12 +34,13 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.config import SpikeConfig
+from tasks.contracts import MIN_LIFT, WindowTriage
 from tasks.snapshot import SnapshotStore
 
 RATE_KINDS = ("failure_rate", "evaluator_failure_rate", "evaluator_error_rate")
 SHARE_KINDS = ("root_cause", "pattern")
 ABSENT_SHARE = 0.05
-MIN_NEW_MODE_LIFT = 1.2
+MIN_NEW_MODE_LIFT = MIN_LIFT
 SERIES_COLUMNS = ["window_start", "series", "kind", "count", "total", "rate", "lift"]
 
 # The columns trends read: nothing else of the snapshot is touched.
@@ -231,41 +232,18 @@ def window_spike(series: pd.DataFrame, window_start: datetime, spikes: SpikeConf
     }
 
 
+def triage_series(triage: WindowTriage) -> pd.DataFrame:
+    """The series of a window not yet written to the snapshots."""
+    window = pd.DataFrame({"window_start": [pd.Timestamp(triage.window_start)],
+                           "traces": [triage.scored.window.traces], "failing_traces": [triage.verdicts.count("fail")]})
+    return window_series(window, triage.verdicts.evaluators.to_pandas(), triage.modes.root_causes,
+                         triage.modes.patterns)
+
+
 @task(name="spike-check", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
-def spike_task(store: SnapshotStore, current: pd.DataFrame, window_start: datetime,
-               spikes: SpikeConfig) -> dict[str, Any] | None:
-    """The current window (its series, not yet written) against the baseline in the snapshots."""
-    past = read_series(store, baseline_windows(store, window_start, spikes))
-    return window_spike(pd.concat([past, current], ignore_index=True), window_start, spikes)
+def spike_task(*, store: SnapshotStore, triage: WindowTriage, spikes: SpikeConfig) -> dict[str, Any] | None:
+    """The window's series against the baseline in the snapshots: the spike, or None."""
+    past = read_series(store, baseline_windows(store, triage.window_start, spikes))
+    return window_spike(pd.concat([past, triage_series(triage)], ignore_index=True), triage.window_start, spikes)
 
 
-def recent_windows(store: SnapshotStore, window_start: datetime, lookback: timedelta) -> list[tuple[datetime, bool]]:
-    """The triaged windows in `[window_start - lookback, window_start)`, each with whether it spiked."""
-    windows = [w for w in store.windows("windows") if window_start - lookback <= w < window_start]
-    if not windows:
-        return []
-    table = store.read("windows", ["window_start", "spike"], windows).to_pandas()
-    return [(t.to_pydatetime(), bool(spiked)) for t, spiked in zip(table["window_start"],
-                                                                    table["spike"].fillna(False), strict=True)]
-
-
-def episode_event(spiking: bool, history: list[tuple[datetime, bool]], window_start: datetime, size: timedelta,
-                  cooldown: timedelta) -> dict[str, Any] | None:
-    """What a spike rule does in this window: open an episode, close one, or nothing.
-
-    An episode runs from a spiking window until `cooldown` has passed without a spike. A spike inside the
-    cooldown belongs to the episode (no second alert). The recovery goes with the first triaged window by whose
-    end the cooldown has run out (a later one when that window had no traces or was never run). Decided from
-    `history`, the triaged windows before this one, so a rerun decides the same.
-    """
-    spikes = [w for w, spiked in history if spiked and w < window_start]
-    if not spikes:
-        return {"event": "spike"} if spiking else None
-    last_end = max(spikes) + size
-    if spiking:
-        return {"event": "spike"} if window_start - last_end >= cooldown else None
-    if window_start + size - last_end < cooldown:
-        return None  # the cooldown runs on past this window
-    if any(last_end <= w < window_start and w + size - last_end >= cooldown for w, _ in history):
-        return None  # an earlier window already carried this episode's recovery
-    return {"event": "recovered", "episode": {"last_spike_window": max(spikes).isoformat()}}

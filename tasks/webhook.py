@@ -11,49 +11,25 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
-import os
 import time
 import uuid
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlparse
 
 import httpx
 import orjson
+
+from tasks.config import check_url
+from tasks.contracts import Action, Outcome, SendContext, error_text
 
 PAYLOAD_VERSION = 1
 BATCH = 100
 ATTEMPTS = 5
 TIMEOUT = 10.0
 
-Outcome = tuple[str, Any]
-
-
 def signature(secret: str, timestamp: str, body: bytes) -> str:
     """`v1=` and the hex HMAC-SHA256 of `<timestamp>.<body>`: what a receiver recomputes to trust a request."""
     return "v1=" + hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
-
-
-def is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
-def is_allowed_url(url: str) -> bool:
-    """https to a host, or plain http to this machine only (tests, a local relay)."""
-    parsed = urlparse(url)
-    return bool(parsed.netloc) and (parsed.scheme == "https"
-                                    or (parsed.scheme == "http" and is_loopback(parsed.hostname or "")))
-
-
-def check_url(url: str) -> str:
-    """Webhooks go over https; plain http only to this machine."""
-    if is_allowed_url(url):
-        return url
-    raise ValueError(f"webhook url {url!r} must use https (http is allowed only to localhost)")
 
 
 def idempotency_key(records: list[dict[str, Any]]) -> str:
@@ -94,7 +70,7 @@ def send_webhooks(
             try:
                 response = post(url, content=body, headers=headers, timeout=TIMEOUT)
             except httpx.TransportError as exc:
-                result = ("failed", f"{type(exc).__name__}: {exc}"[:300])
+                result = ("failed", error_text(exc, 300))
             else:
                 if response.status_code < 300:
                     result = ("sent", {"status": response.status_code, "idempotency_key": key})
@@ -109,28 +85,27 @@ def send_webhooks(
 
 
 class Webhooks:
-    """The secrets of a loop's webhook rules, resolved once (from env or a Prefect Secret block), and the sending."""
+    """The `webhook` sink: the secrets of a loop's webhook rules, resolved once (from env or a Prefect Secret
+    block), and the sending. A webhook a call asked for has its secret resolved by `resolve` when it is sent (a
+    missing one fails that action)."""
 
-    def __init__(self, secrets: dict[str, str]):
-        self._secrets = secrets
+    def __init__(self, secrets: dict[str, str], resolve: Callable[[Any], str] | None = None):
+        self._secrets, self._resolve = secrets, resolve
         self._client: httpx.Client | None = None
 
     def __repr__(self) -> str:
         return f"Webhooks(actions={sorted(self._secrets)})"  # never the secrets
 
-    def send(self, rule: Any, name: str, records: list[dict[str, Any]], loop: str) -> list[Outcome]:
+    def chunk(self, rule: Any, first: Action, total: int) -> int:
+        return rule.batch
+
+    def send(self, rule: Any, actions: list[Action], context: SendContext) -> list[Outcome]:
         """One batch (the ledger is written between batches), over a connection pool kept across them."""
+        name = actions[0]["action"]
+        secret = self._secrets.get(name)
+        if secret is None:
+            if self._resolve is None:
+                return [("failed", "no webhook secrets were resolved")] * len(actions)
+            secret = self._resolve(rule)
         self._client = self._client or httpx.Client()
-        return send_webhooks(rule.url, self._secrets[name], records, name, loop, self._client.post, rule.batch)
-
-
-def webhook_secret(rule: Any) -> str:
-    """The rule's secret: the environment variable `secret_env`, or the Prefect Secret block `secret_block`."""
-    if rule.secret_block:
-        from prefect.blocks.system import Secret
-
-        return str(Secret.load(rule.secret_block).get())
-    value = os.environ.get(rule.secret_env or "")
-    if not value:
-        raise ValueError(f"webhook secret: environment variable {rule.secret_env} is not set")
-    return value
+        return send_webhooks(rule.url, secret, actions, name, context.loop, self._client.post, rule.batch)

@@ -23,9 +23,9 @@ from langsmith import Client
 from langsmith import utils as ls_utils
 
 from tasks.config import ActionConfig
+from tasks.contracts import Action, Outcome, SendContext, error_text
 from tasks.langsmith import ATTEMPTS, RateLimiter
 
-Outcome = tuple[str, Any]
 FEEDBACK_LIMIT = (2000, 10.0)
 OTHER_LIMIT = (1000, 10.0)
 BATCH = 100  # actions per dispatch send (the ledger is written after each): feedback, one ingest request
@@ -137,6 +137,16 @@ class LangSmithWriter:
         self._queued: dict[str, set[str]] = {}
         self._datasets: dict[str, str] = {}
 
+    def chunk(self, rule: ActionConfig, first: Action, total: int) -> int:
+        return batch_limit(rule.do)
+
+    def send(self, rule: ActionConfig, actions: list[Action], context: SendContext) -> list[Outcome]:
+        """The `feedback`, `annotation_queue` and `dataset` sinks."""
+        if rule.do == "dataset":
+            return self.dataset(rule, actions, context.runs())
+        write = self.feedback if rule.do == "feedback" else self.annotation_queue
+        return write(rule, actions, context.runs(), context.tried_before)
+
     def feedback(self, rule: ActionConfig, records: list[dict[str, Any]], runs: dict[str, Any],
                  tried_before: AbstractSet[str] = frozenset()) -> list[Outcome]:
         """Feedback on each failing run (and on its culprit span with `on_culprit`), sent as the SDK's own
@@ -163,7 +173,7 @@ class LangSmithWriter:
             landed = self.landed_feedback([b for i, parts in bodies.items() for b in parts
                                            if records[i]["action_id"] in tried_before])
         except Exception as exc:  # noqa: BLE001 - recorded in the ledger, retried on the next run
-            return [o or ("failed", f"reading back feedback: {_error(exc)}") for o in outcomes]
+            return [o or ("failed", f"reading back feedback: {error_text(exc)}") for o in outcomes]
         unsent = {i: [b for b in parts if b["id"] not in landed] for i, parts in bodies.items()}
         for i in [i for i, parts in unsent.items() if not parts]:
             outcomes[i] = ("sent", {"feedback_ids": [b["id"] for b in bodies[i]]})
@@ -176,7 +186,7 @@ class LangSmithWriter:
                 with_retries(lambda parts=parts: self._ingest(parts), self.other_pace)
             except Exception as exc:  # noqa: BLE001 - recorded in the ledger, retried on the next run
                 for i, _ in batch:
-                    outcomes[i] = ("failed", _error(exc))
+                    outcomes[i] = ("failed", error_text(exc))
                 continue
             for i, _ in batch:
                 outcomes[i] = ("sent", {"feedback_ids": [b["id"] for b in bodies[i]]})
@@ -236,7 +246,7 @@ class LangSmithWriter:
             queue = self.queue_id(rule)
             held = self.queued_runs(queue) if any(r["action_id"] in tried_before for r in records) else set()
         except Exception as exc:  # noqa: BLE001
-            return [("failed", f"annotation queue {rule.queue!r}: {_error(exc)}")] * len(records)
+            return [("failed", f"annotation queue {rule.queue!r}: {error_text(exc)}")] * len(records)
 
         def add(batch: list[dict[str, Any]]) -> None:
             keys = [_run_key(runs[r["trace_id"]]) for r in batch]
@@ -277,7 +287,7 @@ class LangSmithWriter:
         try:
             dataset = self.dataset_id(rule)
         except Exception as exc:  # noqa: BLE001
-            return [("failed", f"dataset {rule.dataset!r}: {_error(exc)}")] * len(records)
+            return [("failed", f"dataset {rule.dataset!r}: {error_text(exc)}")] * len(records)
 
         def example(r: dict[str, Any]) -> dict[str, Any]:
             run = runs[r["trace_id"]]
@@ -292,10 +302,6 @@ class LangSmithWriter:
             lambda r: {"example_id": example_id(r)})
 
 
-def _error(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"[:500]
-
-
 def _batched(records: list[dict[str, Any]], runs: dict[str, Any], send: Callable[[list[dict[str, Any]]], Any],
              detail: Callable[[dict[str, Any]], Any]) -> list[Outcome]:
     """`send` the records BULK at a time; one outcome per record (a run missing from the window fails)."""
@@ -307,7 +313,7 @@ def _batched(records: list[dict[str, Any]], runs: dict[str, Any], send: Callable
             if present:
                 send(present)
         except Exception as exc:  # noqa: BLE001 - recorded in the ledger, retried on the next run
-            outcomes += [("failed", _error(exc))] * len(batch)
+            outcomes += [("failed", error_text(exc))] * len(batch)
             continue
         outcomes += [("sent", detail(r)) if r["trace_id"] in runs else ("failed", MISSING) for r in batch]
     return outcomes

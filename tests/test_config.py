@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from flows.triage import validate
 from tasks.config import ConfigError, FileSource, LoopConfig, SpanTarget, load_config
+from tasks.connections import validate
 from tasks.evaluators import EvaluatorError, register
 from tasks.partition import score_statuses
 from tasks.records import spans_from_records

@@ -14,7 +14,7 @@ from prefect.settings import PREFECT_API_URL
 
 from flows.triage import triage
 from tasks.config import LoopConfig
-from tasks.dispatch import read_ledger
+from tasks.ledger import read_ledger
 from tasks.sample import generate_traces, write_sample
 from tasks.snapshot import SnapshotStore
 from tests.slack_server import SlackServer

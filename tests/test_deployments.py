@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tasks.dispatch import read_ledger
+from tasks.ledger import read_ledger
 from tasks.sample import SAMPLE_START, generate_traces, write_sample
 from tasks.snapshot import SnapshotStore
 

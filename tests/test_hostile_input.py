@@ -15,7 +15,7 @@ import yaml
 
 from flows.cli import main
 from tasks.config import ActionConfig, ConfigError, When, load_config
-from tasks.dispatch import read_ledger
+from tasks.ledger import read_ledger
 from tasks.records import load_spans
 from tasks.sample import generate_traces, write_sample
 from tasks.snapshot import SnapshotStore

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-import tasks.dispatch
 import tasks.lease
+import tasks.ledger
 import tasks.snapshot
 from flows.cli import main
-from tasks.dispatch import ActionLog, Ledger, read_ledger
 from tasks.lease import DispatchLease
+from tasks.ledger import ActionLog, Ledger, read_ledger
 from tasks.sample import generate_traces, write_sample
 from tasks.snapshot import SnapshotStore
 from tests.test_webhooks import SECRET, Receiver
@@ -115,7 +115,7 @@ def test_a_full_disk_in_dispatch_fails_fast_naming_the_path_and_the_rerun_neithe
     out = tmp_path / "out"
     disk = FullDisk(out, "actions.jsonl")
     with monkeypatch.context() as patch:
-        patch.setattr(tasks.dispatch, "open", disk.open, raising=False)
+        patch.setattr(tasks.ledger, "open", disk.open, raising=False)
         patch.setattr(tasks.snapshot, "open", disk.open, raising=False)
         assert _run(tmp_path, source, out) == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]

@@ -16,8 +16,8 @@ import pytest
 from prefect.settings import PREFECT_API_URL
 
 from tasks.config import LoopConfig
-from tasks.dispatch import Ledger, read_ledger
 from tasks.lease import DispatchLease, LeaseLost
+from tasks.ledger import Ledger, read_ledger
 from tasks.sample import generate_traces, write_sample
 from tasks.snapshot import SnapshotStore
 from tests.conftest import MOTO_KEY, MOTO_SECRET

@@ -7,7 +7,7 @@ import pandas as pd
 from blocks.storage import SnapshotStorage
 from flows.triage import triage
 from tasks.config import FileSource, LoopConfig, SnapshotConfig, SpikeConfig
-from tasks.dispatch import read_ledger
+from tasks.ledger import read_ledger
 from tasks.sample import DEFAULT_RATES, generate_windows, write_sample
 from tasks.snapshot import SnapshotStore
 from tasks.trends import new_failure_modes, read_series, spike_checks

@@ -1,0 +1,83 @@
+"""The code's structure: no module-level import cycle among tasks/, flows/ and blocks/ (a cycle makes import
+order matter, and a module half-imported when another reads it)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("tasks", "flows", "blocks")
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def top_level_imports(path: Path, modules: set[str]) -> set[str]:
+    """The project modules a module imports when it is imported: its top-level imports, not those inside
+    functions (which run later) or under `if TYPE_CHECKING:`."""
+    found = set()
+    for node in ast.parse(path.read_text()).body:
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        for name in names:
+            while name and name not in modules:
+                name = name.rpartition(".")[0]
+            if name:
+                found.add(name)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    paths = {module_name(p): p for package in PACKAGES for p in (ROOT / package).rglob("*.py")}
+    return {name: top_level_imports(path, set(paths)) - {name} for name, path in paths.items()}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    found, state = [], {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                found.append(trail[trail.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, [*trail, nxt])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    return found
+
+
+def test_no_module_level_import_cycle():
+    graph = import_graph()
+    assert len(graph) > 20, "the project's modules were not found"
+    assert cycles(graph) == []
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
+
+
+def test_every_action_kind_has_a_sink_that_speaks_the_send_protocol(monkeypatch):
+    from tasks.config import ActionConfig, LoopConfig, When
+    from tasks.connections import sinks_for
+
+    monkeypatch.setenv("HOOK_SECRET", "s")
+    monkeypatch.setenv("SLACK_WEBHOOK_URL", "https://hooks.slack.com/services/T/B/x")
+    config = LoopConfig(actions=[ActionConfig(when=When(failing=True), do="webhook", url="https://example.com/hook",
+                                              secret_env="HOOK_SECRET"),
+                                 ActionConfig(when=When(failing=True), do="slack")])
+    sinks = sinks_for(config, None)
+    kinds = set(ActionConfig.model_fields["do"].annotation.__args__) - {"log"}  # the log sink is the action log
+    assert kinds | {"invalid"} <= set(sinks)
+    for kind in kinds | {"invalid"}:
+        sink = sinks[kind]
+        assert callable(getattr(sink, "chunk", None)) and callable(getattr(sink, "send", None)), kind
