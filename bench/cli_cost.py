@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--repo", type=Path, default=ROOT, help="checkout whose code runs (default: this one)")
     parser.add_argument("--repeat", type=int, default=2)
     args = parser.parse_args()
-    from tasks.sample import generate_traces, write_sample
+    from tasks.sources.sample import generate_traces, write_sample
 
     print(f"load: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f} (1/5/15 min); "
           f"code: {args.repo.resolve()}")

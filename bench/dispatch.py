@@ -30,14 +30,14 @@ os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto logs every request
 
 from tasks.config import ActionConfig, LoopConfig, When  # noqa: E402
-from tasks.connections import sinks_for  # noqa: E402
 from tasks.contracts import SendContext  # noqa: E402
-from tasks.dispatch import dispatch_actions  # noqa: E402
-from tasks.lease import DispatchLease  # noqa: E402
-from tasks.ledger import ActionLog, Ledger  # noqa: E402
-from tasks.plan import Plan, action_id  # noqa: E402
-from tasks.snapshot import SnapshotStore  # noqa: E402
-from tasks.webhook import send_webhooks  # noqa: E402
+from tasks.dispatch.lease import DispatchLease  # noqa: E402
+from tasks.dispatch.ledger import ActionLog, Ledger  # noqa: E402
+from tasks.dispatch.plan import Plan, action_id  # noqa: E402
+from tasks.dispatch.send import dispatch_actions  # noqa: E402
+from tasks.sinks.connections import sinks_for  # noqa: E402
+from tasks.sinks.webhook import send_webhooks  # noqa: E402
+from tasks.store import SnapshotStore  # noqa: E402
 
 WINDOW = datetime(2026, 11, 2, tzinfo=UTC)
 

@@ -27,8 +27,8 @@ def main() -> None:
     parser.add_argument("--code", type=Path, default=ROOT)
     args = parser.parse_args()
     sys.path.insert(0, str(args.code.resolve()))
-    from tasks.fetch import fetch_windows
-    from tasks.sample import generate_traces, write_sample
+    from tasks.sources.sample import generate_traces, write_sample
+    from tasks.sources.windows import fetch_windows
 
     source = ROOT / ".bench-data" / f"pipeline-{args.traces}.jsonl"
     if not source.exists():

@@ -48,7 +48,7 @@ def tracetriage(server, out: Path) -> tuple[float, list[str]]:
 
     from flows.triage import triage
     from tasks.config import ActionConfig, LangSmithSource, LoopConfig, When
-    from tasks.sample import SAMPLE_START
+    from tasks.sources.sample import SAMPLE_START
 
     config = LoopConfig(name="bench", source=LangSmithSource(project=PROJECT),
                         actions=[ActionConfig(when=When(failing=True), do="feedback", name="feedback")])
@@ -66,7 +66,7 @@ def feedback_scores(server, records: list[dict], out: Path, floor: int) -> None:
     """The loop on scores already in LangSmith: requests against the floor, and the verdicts they gave."""
     from flows.triage import triage
     from tasks.config import EvaluatorConfig, LangSmithSource, LoopConfig
-    from tasks.sample import SAMPLE_START
+    from tasks.sources.sample import SAMPLE_START
 
     roots = [r["id"] for r in records if r.get("parent_run_id") is None]
     server.feedback.extend({"id": f"fb-{i}", "run_id": run_id, "key": "correctness", "score": (i % 5) / 4}
@@ -90,7 +90,7 @@ def baseline(failing: list[str]) -> float:
     """The #2907 script: roots, children per trace, feedback per failing run; one request at a time."""
     from langsmith import Client
 
-    from tasks.sample import SAMPLE_START
+    from tasks.sources.sample import SAMPLE_START
 
     client = Client(api_url=os.environ["LANGSMITH_ENDPOINT"], api_key=KEY, auto_batch_tracing=False)
     t = time.perf_counter()
@@ -123,7 +123,7 @@ def main() -> None:
 
     from prefect.testing.utilities import prefect_test_harness
 
-    from tasks.sample import SAMPLE_START, generate_traces
+    from tasks.sources.sample import SAMPLE_START, generate_traces
     from tests.langsmith_server import LangSmithTestServer
 
     records = generate_traces(args.traces, seed=2907, start=SAMPLE_START, hours=1).records

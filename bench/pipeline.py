@@ -60,13 +60,13 @@ def stages(source: Path, work: Path, traces: int) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tasks.aggregate import failure_patterns, root_cause_shares
-    from tasks.attribute import SPAN_COLUMNS, span_attribution
+    from tasks.analysis.attribution import SPAN_COLUMNS, span_attribution
+    from tasks.analysis.failure_modes import failure_patterns, root_cause_shares
+    from tasks.analysis.verdicts import score_statuses, scores_for_analysis, trace_verdicts
     from tasks.config import LoopConfig
-    from tasks.evaluate import evaluate_batch, evaluation_pool, evaluation_workers, shutdown_evaluation_pool
-    from tasks.fetch import fetch_windows
-    from tasks.partition import score_statuses, scores_for_analysis, trace_verdicts
-    from tasks.scoring import metadata_path
+    from tasks.evaluation.evaluate import evaluate_batch, evaluation_pool, evaluation_workers, shutdown_evaluation_pool
+    from tasks.evaluation.scoring import metadata_path
+    from tasks.sources.windows import fetch_windows
 
     config = LoopConfig()
     workers = evaluation_workers(config.eval_workers)
@@ -113,7 +113,7 @@ def end_to_end(source: Path, out: Path, traces: int, runs: int) -> None:
 
     from flows.triage import triage
     from tasks.config import FileSource, LoopConfig
-    from tasks.evaluate import shutdown_evaluation_pool
+    from tasks.evaluation.evaluate import shutdown_evaluation_pool
 
     @flow
     def warm_up() -> None:
@@ -143,7 +143,7 @@ def user_evaluator(source: Path, work: Path, traces: int) -> None:
     import pyarrow.parquet as pq
 
     from tasks.config import EvaluatorConfig
-    from tasks.scoring import bind_all, span_scores
+    from tasks.evaluation.scoring import bind_all, span_scores
 
     config = EvaluatorConfig(key="mentions_question", ref="bench.pipeline:answer_mentions_question")
     window = pq.ParquetFile(next(work.glob("window-*.parquet")))
@@ -165,14 +165,14 @@ def run_evaluator(source: Path, work: Path, traces: int, runs: int) -> None:
 
     import pyarrow.parquet as pq
 
-    import tasks.scoring
+    import tasks.evaluation.scoring
     from flows.triage import triage
     from tasks.config import EvaluatorConfig, FileSource, LoopConfig, default_evaluators
-    from tasks.scoring import bind_all, span_scores
+    from tasks.evaluation.scoring import bind_all, span_scores
 
     batch = pq.ParquetFile(next(work.glob("window-*.parquet"))).read_row_group(0)
     roots = batch.filter(batch.column("is_root")).num_rows
-    linked = tasks.scoring.link_child_runs
+    linked = tasks.evaluation.scoring.link_child_runs
     for function in (answer_has_sources, answer_given):
         name = function.__name__
         evaluator = EvaluatorConfig(key=name, ref=f"bench.pipeline:{name}", threshold=0.5)
@@ -181,7 +181,7 @@ def run_evaluator(source: Path, work: Path, traces: int, runs: int) -> None:
         print(f"\n{name}: {function.__doc__} One process:")
         figures = []
         for label, link in (("without child_runs (before)", lambda rows, built: None), ("with child_runs", linked)):
-            tasks.scoring.link_child_runs = link
+            tasks.evaluation.scoring.link_child_runs = link
             start = time.perf_counter()
             span_scores(batch, bind_all([evaluator]), None)
             _line(f"{label}: one batch, {roots:,} roots", time.perf_counter() - start, roots)
@@ -192,7 +192,7 @@ def run_evaluator(source: Path, work: Path, traces: int, runs: int) -> None:
                 timings.append(time.perf_counter() - start)
             figures.append(statistics.median(timings))
             _line(f"{label}: whole window, median", figures[-1], traces)
-        tasks.scoring.link_child_runs = linked
+        tasks.evaluation.scoring.link_child_runs = linked
         print(f"  child_runs cost {100 * (figures[1] / figures[0] - 1):+.1f}% on the whole window")
 
 
@@ -205,7 +205,7 @@ def main() -> None:
                         help="only the run-taking evaluator's figures (with and without child_runs)")
     args = parser.parse_args()
 
-    from tasks.sample import generate_traces, write_sample
+    from tasks.sources.sample import generate_traces, write_sample
 
     source = args.data / f"pipeline-{args.traces}.jsonl"
     if not source.exists():
@@ -216,7 +216,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, PeakRSS() as memory:
         work = Path(tmp)
         if args.only_run_evaluator:
-            from tasks.fetch import fetch_windows
+            from tasks.sources.windows import fetch_windows
 
             fetch_windows(str(source), timedelta(hours=1), 2000, str(work / "stages"))
         else:

@@ -48,7 +48,7 @@ def main() -> None:
 
     from flows.triage import triage
     from tasks.config import EvaluatorConfig, FileSource, LoopConfig, RunnerConfig
-    from tasks.sample import generate_traces, write_sample
+    from tasks.sources.sample import generate_traces, write_sample
 
     work = Path(tempfile.mkdtemp(prefix="tracetriage-bench-scale-"))
     source = work / "runs.jsonl"

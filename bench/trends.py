@@ -41,8 +41,8 @@ def peak_rss_mb():  # VmHWM: this process image's own high-water mark (ru_maxrss
 t0 = time.perf_counter()
 import pandas as pd
 from tasks.config import SpikeConfig
-from tasks.snapshot import SnapshotStore
-from tasks.trends import baseline_windows, read_series, spike_checks, window_spike
+from tasks.store import SnapshotStore
+from tasks.analysis.trends import baseline_windows, read_series, spike_checks, window_spike
 imported = time.perf_counter() - t0
 store, spikes = SnapshotStore(sys.argv[1]), SpikeConfig()
 rss_before = peak_rss_mb()
@@ -67,8 +67,8 @@ print(json.dumps({"import_s": imported, "month_query_s": month, "latest_check_s"
 def triage_distinct(work: Path, traces: int, distinct: int) -> Path:
     from flows.triage import triage
     from tasks.config import FileSource, LoopConfig
-    from tasks.evaluate import shutdown_evaluation_pool
-    from tasks.sample import DEFAULT_RATES, generate_windows, write_sample
+    from tasks.evaluation.evaluate import shutdown_evaluation_pool
+    from tasks.sources.sample import DEFAULT_RATES, generate_windows, write_sample
 
     rng = random.Random(1)
     rates = [{m: r * rng.uniform(0.75, 1.25) for m, r in DEFAULT_RATES.items()} for _ in range(distinct)]
@@ -87,7 +87,7 @@ def write_history(distinct_root: Path, root: Path, days: int) -> None:
     import pyarrow as pa
 
     from tasks.schemas import SNAPSHOT_TABLES
-    from tasks.snapshot import SnapshotStore
+    from tasks.store import SnapshotStore
 
     source, store = SnapshotStore(str(distinct_root)), SnapshotStore(str(root))
     starts = source.windows("windows")

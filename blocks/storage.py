@@ -8,7 +8,7 @@ from prefect.blocks.core import Block
 from prefect.blocks.fields import SecretDict
 from pydantic import Field
 
-from tasks.snapshot import SnapshotStore
+from tasks.store import SnapshotStore
 
 
 class SnapshotStorage(Block):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from flows import local_api
 from tasks.config import DEFAULT_OUT, ConfigError, FileSource, LangSmithSource, SnapshotConfig, load_config
-from tasks.langsmith import LangSmithFetchError, LangSmithSourceError
+from tasks.sources.langsmith import LangSmithFetchError, LangSmithSourceError
 
 
 def _moment(text: str) -> datetime:
@@ -126,7 +126,7 @@ def run_command(args: argparse.Namespace) -> int:
             config = config.model_copy(update={"source": FileSource(path=args.source)})
         server = _local_server()  # starts while the flow modules import and the config is checked
         from flows.triage import triage
-        from tasks.connections import validate
+        from tasks.sinks.connections import validate
 
         validate(config)
     except (ConfigError, ValueError, FileNotFoundError, LangSmithSourceError) as exc:
@@ -254,7 +254,7 @@ def _window_rates(items: list[str], windows: int, base: dict[str, float]) -> lis
 
 
 def sample_command(args: argparse.Namespace) -> int:
-    from tasks.sample import generate_traces, generate_windows, write_sample
+    from tasks.sources.sample import generate_traces, generate_windows, write_sample
 
     if args.out.suffix not in (".jsonl", ".parquet"):
         print("tracetriage: --out must end in .jsonl or .parquet", file=sys.stderr)
@@ -283,8 +283,8 @@ def sample_command(args: argparse.Namespace) -> int:
 
 
 def report_command(args: argparse.Namespace) -> int:
-    from tasks.connections import open_store
     from tasks.report import format_table, report_period, trend_report
+    from tasks.sinks.connections import open_store
 
     try:
         config = load_config(args.config) if args.config else load_config(data={})

@@ -32,9 +32,9 @@ from prefect.deployments.runner import RunnerDeployment
 
 from flows.triage import triage
 from tasks.config import DEFAULT_OUT, ActionConfig, EvaluatorConfig, FileSource, LangSmithSource, LoopConfig, When
-from tasks.connections import validate
-from tasks.evaluators import register
-from tasks.langsmith import LangSmithSourceError
+from tasks.evaluation.evaluators import register
+from tasks.sinks.connections import validate
+from tasks.sources.langsmith import LangSmithSourceError
 
 FEEDBACK = "feedback:"
 
@@ -178,7 +178,7 @@ def served_flow(config: LoopConfig, callables: dict[str, Any], out: str) -> Flow
     def feedback_loop_window() -> dict[str, Any]:
         # Imported here, not captured: the flow is pickled by value, and these must come from their modules.
         from flows.triage import triage_latest
-        from tasks.evaluators import register
+        from tasks.evaluation.evaluators import register
 
         for registered, obj in callables.items():
             register(obj, registered)

@@ -9,18 +9,19 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from tasks.aggregate import aggregate_task
-from tasks.attribute import attribute_task
+from tasks.analysis.attribution import attribute_task
+from tasks.analysis.failure_modes import aggregate_task
+from tasks.analysis.trends import spike_task
+from tasks.analysis.verdicts import partition_task
 from tasks.config import DEFAULT_OUT, ConfigError, LoopConfig, RunnerConfig, source_identity
-from tasks.connections import open_store, validate
 from tasks.contracts import WindowSpans, WindowTriage
-from tasks.dispatch import dispatch_task
-from tasks.evaluate import evaluate_window, prepare_evaluation
-from tasks.fetch import read_source
-from tasks.langsmith import window_range
-from tasks.ledger import unfinished_windows
-from tasks.partition import partition_task
-from tasks.snapshot import snapshot_task, snapshot_window
+from tasks.dispatch.ledger import unfinished_windows
+from tasks.dispatch.send import dispatch_task
+from tasks.evaluation.evaluate import evaluate_window, prepare_evaluation
+from tasks.sinks.connections import open_store, validate
+from tasks.sources.langsmith import window_range
+from tasks.sources.windows import read_source
+from tasks.store import snapshot_task, snapshot_window
 from tasks.summary import (
     publish_artifacts,
     range_result,
@@ -30,7 +31,6 @@ from tasks.summary import (
     window_summary,
     windows_table,
 )
-from tasks.trends import spike_task
 
 DEFAULT_CONFIG = LoopConfig()  # the flows' default, shown whole in Prefect's run form (the sample traces)
 RETRY_WITHIN = timedelta(days=1)  # how far back the scheduled run looks for actions to try again

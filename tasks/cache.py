@@ -64,11 +64,11 @@ def write_manifest(directory: Path, files: list[Path]) -> None:
 def _companions(stage: str, out_path: str) -> list[str]:
     """The files a stage writes beside its `out_path`."""
     if stage == "evaluate":
-        from tasks.scoring import metadata_path
+        from tasks.evaluation.scoring import metadata_path
 
         return [metadata_path(out_path)]
     if stage == "fetch-langsmith":
-        from tasks.langsmith import meta_path
+        from tasks.sources.langsmith import meta_path
 
         return [str(meta_path(Path(out_path)))]
     return []

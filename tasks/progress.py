@@ -11,7 +11,7 @@ from prefect import get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import wait
 
-from tasks.batch_state import read_state, state_path
+from tasks.evaluation.batch_state import read_state, state_path
 
 Listener = Callable[[str, int, int, str], None]
 _listeners: list[Listener] = []

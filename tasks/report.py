@@ -14,12 +14,12 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from tasks.attribute import REASONS
+from tasks.analysis.attribution import REASONS
+from tasks.analysis.trends import new_failure_modes, read_series, spike_checks
 from tasks.config import LoopConfig, SpikeConfig, parse_duration
-from tasks.connections import open_store
-from tasks.snapshot import SnapshotStore
+from tasks.sinks.connections import open_store
+from tasks.store import SnapshotStore
 from tasks.summary import artifact_key, trace_text
-from tasks.trends import new_failure_modes, read_series, spike_checks
 
 TOP_MODES = 4
 

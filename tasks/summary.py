@@ -18,11 +18,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 from prefect.utilities.urls import url_for
 
-from tasks.attribute import REASONS
+from tasks.analysis.attribution import REASONS
 from tasks.config import EvaluatorConfig, FileSource, LangSmithSource, LoopConfig
 from tasks.contracts import MIN_LIFT, SourceWindows, Verdicts, WindowSummary, WindowTriage
-from tasks.prefect_events import window_resource
 from tasks.schemas import SCHEMA_VERSION, WINDOWS
+from tasks.sinks.prefect_events import window_resource
 
 TOP = 10
 

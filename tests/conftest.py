@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
-from tasks.sample import generate_traces, write_sample  # noqa: E402
+from tasks.sources.sample import generate_traces, write_sample  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)

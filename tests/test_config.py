@@ -9,13 +9,13 @@ from typing import Any
 
 import pytest
 
+from tasks.analysis.verdicts import score_statuses
 from tasks.config import ConfigError, FileSource, LoopConfig, SpanTarget, load_config
-from tasks.connections import validate
-from tasks.evaluators import EvaluatorError, register
-from tasks.partition import score_statuses
-from tasks.records import spans_from_records
-from tasks.sample import DEFAULT_RATES, SAMPLE_START, generate_traces
-from tasks.scoring import bind_all, span_scores
+from tasks.evaluation.evaluators import EvaluatorError, register
+from tasks.evaluation.scoring import bind_all, span_scores
+from tasks.sinks.connections import validate
+from tasks.sources.records import spans_from_records
+from tasks.sources.sample import DEFAULT_RATES, SAMPLE_START, generate_traces
 
 ISSUE_EXAMPLE = """\
 source: {kind: file, path: runs.jsonl}
@@ -222,8 +222,8 @@ def test_higher_is_better_false_makes_scores_above_the_threshold_fail():
 # --- checks before anything runs -----------------------------------------------------------------
 
 def test_validate_refuses_an_evaluator_import_path_that_does_not_exist():
-    config = load_config(data=with_evaluators({"key": "faithful", "ref": "tasks.builtin_evaluators:groundednes"}))
-    with pytest.raises(EvaluatorError, match=r"'groundednes' not found in module 'tasks.builtin_evaluators'; "
+    config = load_config(data=with_evaluators({"key": "faithful", "ref": "tasks.evaluation.builtins:groundednes"}))
+    with pytest.raises(EvaluatorError, match=r"'groundednes' not found in module 'tasks.evaluation.builtins'; "
                                              r"did you mean 'groundedness'\?"):
         validate(config)
 
@@ -236,16 +236,16 @@ def test_validate_refuses_an_evaluator_module_that_cannot_be_imported():
 
 def test_validate_refuses_an_action_function_that_does_not_exist():
     config = load_config(data=with_evaluators(GROUNDED, actions=[
-        {"when": {"failing": True}, "do": "call", "ref": "tasks.dispatch:open_tiket"},
+        {"when": {"failing": True}, "do": "call", "ref": "tasks.dispatch.send:open_tiket"},
     ]))
-    with pytest.raises(EvaluatorError, match=r"action function 'open_tiket' not found in module 'tasks.dispatch'"):
+    with pytest.raises(EvaluatorError, match=r"action function 'open_tiket' not found in module 'tasks.dispatch.send'"):
         validate(config)
 
 
 def test_the_last_closed_window_waits_for_the_lag_and_ranges_align_to_windows():
     from datetime import UTC, datetime, timedelta
 
-    from tasks.langsmith import window_range
+    from tasks.sources.langsmith import window_range
 
     hour, lag = timedelta(hours=1), timedelta(minutes=10)
     at = datetime(2026, 11, 2, 10, 5, tzinfo=UTC)  # 09:00-10:00 is not final until 10:10

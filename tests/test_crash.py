@@ -14,9 +14,9 @@ from prefect.settings import PREFECT_API_URL
 
 from flows.triage import triage
 from tasks.config import LoopConfig
-from tasks.ledger import read_ledger
-from tasks.sample import generate_traces, write_sample
-from tasks.snapshot import SnapshotStore
+from tasks.dispatch.ledger import read_ledger
+from tasks.sources.sample import generate_traces, write_sample
+from tasks.store import SnapshotStore
 from tests.slack_server import SlackServer
 from tests.test_webhooks import SECRET, Receiver
 

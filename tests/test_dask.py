@@ -6,8 +6,8 @@ import pytest
 
 from flows.triage import triage
 from tasks.config import FileSource, LoopConfig, RunnerConfig
-from tasks.sample import generate_traces, write_sample
-from tasks.snapshot import SnapshotStore
+from tasks.sources.sample import generate_traces, write_sample
+from tasks.store import SnapshotStore
 
 
 @pytest.fixture(scope="module")

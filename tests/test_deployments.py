@@ -19,9 +19,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tasks.ledger import read_ledger
-from tasks.sample import SAMPLE_START, generate_traces, write_sample
-from tasks.snapshot import SnapshotStore
+from tasks.dispatch.ledger import read_ledger
+from tasks.sources.sample import SAMPLE_START, generate_traces, write_sample
+from tasks.store import SnapshotStore
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).with_name("prefect"))

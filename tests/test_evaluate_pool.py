@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks.config import LoopConfig
-from tasks.evaluate import evaluate_batch, evaluation_pool
-from tasks.fetch import fetch_windows
-from tasks.sample import generate_traces, write_sample
+from tasks.evaluation.evaluate import evaluate_batch, evaluation_pool
+from tasks.sources.sample import generate_traces, write_sample
+from tasks.sources.windows import fetch_windows
 
 
 @pytest.fixture(scope="module")

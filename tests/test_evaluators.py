@@ -21,7 +21,7 @@ import pytest
 from langsmith.evaluation import EvaluationResult, run_evaluator
 
 from tasks.config import EvaluatorConfig, SpanTarget
-from tasks.evaluators import (
+from tasks.evaluation.evaluators import (
     BoundEvaluator,
     EvaluatorError,
     Result,
@@ -30,9 +30,9 @@ from tasks.evaluators import (
     normalise_result,
     register,
 )
-from tasks.records import spans_from_records
-from tasks.sample import DEFAULT_RATES, SAMPLE_START, SampleTraces, generate_traces
-from tasks.scoring import RunRows, span_scores, target_mask
+from tasks.evaluation.scoring import RunRows, span_scores, target_mask
+from tasks.sources.records import spans_from_records
+from tasks.sources.sample import DEFAULT_RATES, SAMPLE_START, SampleTraces, generate_traces
 
 TINY = 0.05  # seconds: the timeout of evaluators that are meant to time out
 
@@ -365,14 +365,14 @@ def test_a_module_that_cannot_be_imported_is_named():
 
 
 def test_a_missing_function_suggests_the_nearest_name_in_its_module():
-    with pytest.raises(EvaluatorError, match=r"'groundednes' not found in module 'tasks.builtin_evaluators'; "
+    with pytest.raises(EvaluatorError, match=r"'groundednes' not found in module 'tasks.evaluation.builtins'; "
                                              r"did you mean 'groundedness'\?"):
-        evaluator("tasks.builtin_evaluators:groundednes")
+        evaluator("tasks.evaluation.builtins:groundednes")
 
 
 def test_a_ref_to_something_not_callable_is_refused():
     with pytest.raises(EvaluatorError, match=r"is a dict, not a function or RunEvaluator"):
-        evaluator("tasks.builtin_evaluators:BUILTINS")
+        evaluator("tasks.evaluation.builtins:BUILTINS")
 
 
 @pytest.mark.parametrize(
@@ -405,7 +405,7 @@ def test_a_builtin_regex_with_an_invalid_pattern_is_refused_naming_the_evaluator
 
 
 def test_an_evaluator_factory_by_import_path_is_called_with_its_params(healthy):
-    bound = evaluator("tasks.builtin_evaluators:contains", key="mentions", params={"text": "zzz-not-there"})
+    bound = evaluator("tasks.evaluation.builtins:contains", key="mentions", params={"text": "zzz-not-there"})
     assert scores(healthy, bound)["score"].tolist() == [0.0, 0.0, 0.0]
 
 

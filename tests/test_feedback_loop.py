@@ -17,8 +17,8 @@ import langsmith
 import pytest
 
 from flows.loop import FeedbackLoopError, feedback_loop, loop_config, loop_deployment, served_flow
-from tasks.langsmith import window_range
-from tasks.sample import SAMPLE_START, generate_traces
+from tasks.sources.langsmith import window_range
+from tasks.sources.sample import SAMPLE_START, generate_traces
 from tests.langsmith_server import LangSmithTestServer
 
 KEY = "ls-loop-key-canary-91c4"
@@ -145,7 +145,7 @@ def test_child_runs_are_the_traces_tree_three_levels_deep_in_dotted_order(server
 def test_evaluators_that_do_not_read_child_runs_do_not_pay_for_them(server, sample, tmp_path, evaluator):
     """An (inputs, outputs) evaluator gets no Run at all; one taking `run` that never reads `child_runs` gets
     only the root runs (trees are grown when first read)."""
-    from tasks.scoring import RunRows
+    from tasks.evaluation.scoring import RunRows
 
     built: list[int] = []
     original = RunRows.prepare_runs
@@ -303,7 +303,7 @@ def test_a_served_loop_carries_its_callables_into_a_fresh_process(tmp_path):
     """A served flow run is a new process: the flow takes the lambdas with it and registers them again there."""
     import cloudpickle
 
-    from tasks.evaluators import _REGISTRY
+    from tasks.evaluation.evaluators import _REGISTRY
 
     config, callables = loop_config(source=str(Path(tmp_path) / "runs.jsonl"), evaluator=lambda outputs: 1.0)
     refs = [e.ref.removeprefix("python:") for e in config.evaluators]

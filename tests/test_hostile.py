@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.sample import DEFAULT_RATES, generate_traces, write_sample
-from tasks.snapshot import read_table
+from tasks.sources.sample import DEFAULT_RATES, generate_traces, write_sample
+from tasks.store import read_table
 
 HEALTHY = dict.fromkeys(DEFAULT_RATES, 0.0)
 

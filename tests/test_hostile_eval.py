@@ -21,14 +21,14 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tasks.batch_state import read_state
+from tasks.analysis.verdicts import score_statuses
 from tasks.config import EvaluatorConfig, FileSource, LoopConfig
-from tasks.evaluate import evaluate_batch
-from tasks.evaluators import register
-from tasks.fetch import fetch_windows
-from tasks.partition import score_statuses
-from tasks.sample import generate_traces, write_sample
-from tasks.scoring import EvaluationSettings, evaluate_batch_file
+from tasks.evaluation.batch_state import read_state
+from tasks.evaluation.evaluate import evaluate_batch
+from tasks.evaluation.evaluators import register
+from tasks.evaluation.scoring import EvaluationSettings, evaluate_batch_file
+from tasks.sources.sample import generate_traces, write_sample
+from tasks.sources.windows import fetch_windows
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUNDED = EvaluatorConfig(key="grounded", ref="builtin:groundedness")

@@ -15,10 +15,10 @@ import yaml
 
 from flows.cli import main
 from tasks.config import ActionConfig, ConfigError, When, load_config
-from tasks.ledger import read_ledger
-from tasks.records import load_spans
-from tasks.sample import generate_traces, write_sample
-from tasks.snapshot import SnapshotStore
+from tasks.dispatch.ledger import read_ledger
+from tasks.sources.records import load_spans
+from tasks.sources.sample import generate_traces, write_sample
+from tasks.store import SnapshotStore
 
 BOM = b"\xef\xbb\xbf"
 

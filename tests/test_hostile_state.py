@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-import tasks.lease
-import tasks.ledger
-import tasks.snapshot
+import tasks.dispatch.lease
+import tasks.dispatch.ledger
+import tasks.store
 from flows.cli import main
-from tasks.lease import DispatchLease
-from tasks.ledger import ActionLog, Ledger, read_ledger
-from tasks.sample import generate_traces, write_sample
-from tasks.snapshot import SnapshotStore
+from tasks.dispatch.lease import DispatchLease
+from tasks.dispatch.ledger import ActionLog, Ledger, read_ledger
+from tasks.sources.sample import generate_traces, write_sample
+from tasks.store import SnapshotStore
 from tests.test_webhooks import SECRET, Receiver
 
 WINDOW = datetime(2026, 11, 2, 9, tzinfo=UTC)
@@ -107,7 +107,7 @@ class _NoWait:
 
 
 def _no_lease_wait(monkeypatch) -> None:
-    monkeypatch.setattr(tasks.lease, "time", _NoWait())
+    monkeypatch.setattr(tasks.dispatch.lease, "time", _NoWait())
 
 
 def test_a_full_disk_in_dispatch_fails_fast_naming_the_path_and_the_rerun_neither_waits_nor_loses_an_action(
@@ -115,8 +115,8 @@ def test_a_full_disk_in_dispatch_fails_fast_naming_the_path_and_the_rerun_neithe
     out = tmp_path / "out"
     disk = FullDisk(out, "actions.jsonl")
     with monkeypatch.context() as patch:
-        patch.setattr(tasks.ledger, "open", disk.open, raising=False)
-        patch.setattr(tasks.snapshot, "open", disk.open, raising=False)
+        patch.setattr(tasks.dispatch.ledger, "open", disk.open, raising=False)
+        patch.setattr(tasks.store, "open", disk.open, raising=False)
         assert _run(tmp_path, source, out) == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith(f"tracetriage: {out / 'snapshots' / '_ledger'}") and \

@@ -17,14 +17,14 @@ import openai
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.batch_state import read_state, state_path
 from tasks.config import CallRateLimit, EvaluatorConfig, FileSource, LoopConfig
-from tasks.evaluate import evaluate_batch, evaluation_pool
-from tasks.evaluator_calls import DEFAULT_ASYNC_CONCURRENCY, DEFAULT_SYNC_CONCURRENCY, CallLimiter
-from tasks.evaluators import bind_evaluator, evaluate_items, register
-from tasks.fetch import fetch_windows
-from tasks.sample import generate_traces, write_sample
-from tasks.scoring import EvaluationSettings, evaluate_batch_file
+from tasks.evaluation.batch_state import read_state, state_path
+from tasks.evaluation.calls import DEFAULT_ASYNC_CONCURRENCY, DEFAULT_SYNC_CONCURRENCY, CallLimiter
+from tasks.evaluation.evaluate import evaluate_batch, evaluation_pool
+from tasks.evaluation.evaluators import bind_evaluator, evaluate_items, register
+from tasks.evaluation.scoring import EvaluationSettings, evaluate_batch_file
+from tasks.sources.sample import generate_traces, write_sample
+from tasks.sources.windows import fetch_windows
 from tests.fake_model_server import FakeModelServer
 
 JUDGE_PROMPT = "Does the answer address the question?\n<question>{inputs}</question>\n<answer>{outputs}</answer>"

@@ -16,7 +16,7 @@ import pytest
 from flows.cli import main
 from flows.triage import triage
 from tasks.config import ActionConfig, LangSmithSource, LoopConfig, When
-from tasks.sample import SAMPLE_START, generate_traces
+from tasks.sources.sample import SAMPLE_START, generate_traces
 from tests.langsmith_server import LangSmithTestServer
 
 KEY = "ls-test-key-canary-5d1e"
@@ -199,7 +199,7 @@ def test_the_fetch_stays_under_the_cloud_rate_limit_at_the_request_floor(records
 
     from langsmith import Client
 
-    from tasks.langsmith import fetch_runs
+    from tasks.sources.langsmith import fetch_runs
 
     with LangSmithTestServer(api_key=KEY, rate_limits=True, time_factor=0.1) as server:
         server.add_project(PROJECT, records)
@@ -220,7 +220,7 @@ def test_the_rate_limiter_holds_however_late_requests_arrive():
     import threading
     import time
 
-    from tasks.langsmith import RateLimiter
+    from tasks.sources.langsmith import RateLimiter
 
     limit, per = 10, 0.3
     limiter, arrivals, lock = RateLimiter(limit, per), [], threading.Lock()
@@ -250,7 +250,7 @@ def test_windows_fetched_in_parallel_are_the_runs_of_one_stream_at_one_extra_pag
 
     from langsmith import Client
 
-    from tasks.langsmith import fetch_runs
+    from tasks.sources.langsmith import fetch_runs
 
     three_hours = generate_traces(300, seed=33, start=START, hours=3).records
     end = START + timedelta(hours=3)

@@ -19,7 +19,7 @@ import pytest
 from langsmith import utils as ls_utils
 from langsmith._internal._v2_migration_utils import QueryBackend, get_query_backend
 
-from tasks.sample import generate_traces
+from tasks.sources.sample import generate_traces
 from tests.langsmith_server import LangSmithTestServer
 
 KEY = "lsv2_test_key"

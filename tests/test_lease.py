@@ -16,10 +16,10 @@ import pytest
 from prefect.settings import PREFECT_API_URL
 
 from tasks.config import LoopConfig
-from tasks.lease import DispatchLease, LeaseLost
-from tasks.ledger import Ledger, read_ledger
-from tasks.sample import generate_traces, write_sample
-from tasks.snapshot import SnapshotStore
+from tasks.dispatch.lease import DispatchLease, LeaseLost
+from tasks.dispatch.ledger import Ledger, read_ledger
+from tasks.sources.sample import generate_traces, write_sample
+from tasks.store import SnapshotStore
 from tests.conftest import MOTO_KEY, MOTO_SECRET
 from tests.test_crash import CHILD
 from tests.test_webhooks import SECRET, Receiver
@@ -92,7 +92,7 @@ def test_a_run_on_another_machine_waits_while_the_holder_renews_past_its_ttl(sto
 def test_a_lease_left_by_a_dead_run_on_this_machine_is_taken_at_once(tmp_path):
     store = SnapshotStore(str(tmp_path / "snapshots"))
     dead = subprocess.run([sys.executable, "-c", (
-        "import os; from tasks.snapshot import SnapshotStore; from tasks.lease import DispatchLease\n"
+        "import os; from tasks.store import SnapshotStore; from tasks.dispatch.lease import DispatchLease\n"
         f"DispatchLease(SnapshotStore({str(tmp_path / 'snapshots')!r}), 'loop').acquire(); os._exit(9)")],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
     assert dead.returncode == 9, dead.stderr

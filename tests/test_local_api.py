@@ -18,7 +18,7 @@ import pytest
 from prefect.settings import PREFECT_API_URL
 
 from flows.cli import main
-from tasks.sample import generate_traces, write_sample
+from tasks.sources.sample import generate_traces, write_sample
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from tasks.sample import FAILURE_MODES, truth_path_for
-from tasks.snapshot import SNAPSHOT_TABLES, read_table
+from tasks.sources.sample import FAILURE_MODES, truth_path_for
+from tasks.store import SNAPSHOT_TABLES, read_table
 
 TOLERANCE = 0.02  # ±2 percentage points
 

@@ -6,8 +6,8 @@ import orjson
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.records import RecordFile, load_spans, spans_from_records
-from tasks.sample import generate_traces, to_v2_record, write_sample
+from tasks.sources.records import RecordFile, load_spans, spans_from_records
+from tasks.sources.sample import generate_traces, to_v2_record, write_sample
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +128,7 @@ def test_blank_lines_and_crlf_line_ends_are_read_and_records_stay_addressable(sa
 def test_spans_whose_trace_root_is_missing_are_skipped_and_counted_in_their_window(sample, tmp_path):
     from datetime import timedelta
 
-    from tasks.fetch import ORPHAN, fetch_windows
+    from tasks.sources.windows import ORPHAN, fetch_windows
 
     root_ids = {r["id"] for r in sample.records if r["parent_run_id"] is None}
     dropped = sorted(root_ids)[0]

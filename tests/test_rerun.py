@@ -14,10 +14,10 @@ import pytest
 from flows.loop import feedback_loop
 from flows.triage import triage, triage_latest
 from tasks.config import ActionConfig, FileSource, LoopConfig, When
-from tasks.langsmith import window_range
-from tasks.ledger import LEDGER_DIR, read_ledger
-from tasks.sample import generate_traces, write_sample
-from tasks.snapshot import SNAPSHOT_TABLES, SnapshotStore, read_table
+from tasks.dispatch.ledger import LEDGER_DIR, read_ledger
+from tasks.sources.langsmith import window_range
+from tasks.sources.sample import generate_traces, write_sample
+from tasks.store import SNAPSHOT_TABLES, SnapshotStore, read_table
 
 CALLS: list[tuple[str, float | None]] = []
 FLAKY = {"fail": True}

@@ -12,10 +12,10 @@ from pydantic import ValidationError
 
 from flows.triage import triage
 from tasks.config import ActionConfig, FileSource, LoopConfig, When
-from tasks.ledger import read_ledger
-from tasks.plan import action_id, planned_actions
-from tasks.sample import SAMPLE_START, generate_traces, write_sample
-from tasks.snapshot import SnapshotStore, read_table
+from tasks.dispatch.ledger import read_ledger
+from tasks.dispatch.plan import action_id, planned_actions
+from tasks.sources.sample import SAMPLE_START, generate_traces, write_sample
+from tasks.store import SnapshotStore, read_table
 from tests.prefect_api import read_events
 
 

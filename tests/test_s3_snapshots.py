@@ -6,11 +6,11 @@ import pandas as pd
 
 from blocks.storage import SnapshotStorage
 from flows.triage import triage
+from tasks.analysis.trends import new_failure_modes, read_series, spike_checks
 from tasks.config import FileSource, LoopConfig, SnapshotConfig, SpikeConfig
-from tasks.ledger import read_ledger
-from tasks.sample import DEFAULT_RATES, generate_windows, write_sample
-from tasks.snapshot import SnapshotStore
-from tasks.trends import new_failure_modes, read_series, spike_checks
+from tasks.dispatch.ledger import read_ledger
+from tasks.sources.sample import DEFAULT_RATES, generate_windows, write_sample
+from tasks.store import SnapshotStore
 from tests.conftest import MOTO_KEY as KEY
 from tests.conftest import MOTO_SECRET as SECRET
 

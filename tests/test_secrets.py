@@ -23,7 +23,7 @@ from prefect_slack import SlackCredentials, SlackWebhook
 from blocks.langsmith import LangSmithCredentials
 from flows.triage import triage
 from tasks.config import ActionConfig, LangSmithSource, LoopConfig, When
-from tasks.sample import SAMPLE_START, generate_traces
+from tasks.sources.sample import SAMPLE_START, generate_traces
 from tests.langsmith_server import LangSmithTestServer
 from tests.prefect_api import read_events
 from tests.slack_server import SlackServer

@@ -14,9 +14,9 @@ from slack_sdk.models.blocks import Block, ContextBlock, DividerBlock, HeaderBlo
 
 from flows.triage import triage
 from tasks.config import ActionConfig, FileSource, LoopConfig, When
-from tasks.episodes import episode_event
-from tasks.sample import DEFAULT_RATES, SAMPLE_START, generate_windows, write_sample
-from tasks.slack import markdown_section, traces_message
+from tasks.dispatch.episodes import episode_event
+from tasks.sinks.slack import markdown_section, traces_message
+from tasks.sources.sample import DEFAULT_RATES, SAMPLE_START, generate_windows, write_sample
 from tests.slack_server import SlackServer
 from tests.test_webhooks import SECRET, Receiver
 

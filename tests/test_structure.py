@@ -68,7 +68,7 @@ def test_the_cycle_check_finds_a_cycle():
 
 def test_every_action_kind_has_a_sink_that_speaks_the_send_protocol(monkeypatch):
     from tasks.config import ActionConfig, LoopConfig, When
-    from tasks.connections import sinks_for
+    from tasks.sinks.connections import sinks_for
 
     monkeypatch.setenv("HOOK_SECRET", "s")
     monkeypatch.setenv("SLACK_WEBHOOK_URL", "https://hooks.slack.com/services/T/B/x")

@@ -20,11 +20,11 @@ import pytest
 
 from flows.cli import main
 from flows.triage import triage
+from tasks.analysis.trends import new_failure_modes, read_series, spike_checks, window_series
 from tasks.config import ActionConfig, FileSource, LoopConfig, SpikeConfig, When
-from tasks.sample import DEFAULT_RATES, SAMPLE_START, generate_windows, write_sample
 from tasks.schemas import PATTERNS, SCHEMA_VERSION, WINDOWS
-from tasks.snapshot import PART, SnapshotStore
-from tasks.trends import new_failure_modes, read_series, spike_checks, window_series
+from tasks.sources.sample import DEFAULT_RATES, SAMPLE_START, generate_windows, write_sample
+from tasks.store import PART, SnapshotStore
 
 SPIKE_WINDOW = 24  # window 25 of 30
 
@@ -172,7 +172,7 @@ WRITER = """
 import sys, time
 from datetime import datetime, UTC
 import pyarrow as pa
-from tasks.snapshot import SnapshotStore
+from tasks.store import SnapshotStore
 store = SnapshotStore(sys.argv[1])
 at = datetime(2026, 11, 2, 9, tzinfo=UTC)
 def scores(n):

@@ -14,8 +14,8 @@ from flows.cli import main
 from flows.report import trend_report_flow
 from flows.triage import triage, triage_backfill, triage_latest
 from tasks.config import ConfigError, FileSource, LoopConfig, load_config, source_form_schema, source_identity
-from tasks.connections import validate
-from tasks.sample import SAMPLE_START, generate_traces, write_sample
+from tasks.sinks.connections import validate
+from tasks.sources.sample import SAMPLE_START, generate_traces, write_sample
 from tasks.summary import MIN_LIFT, patterns_rows, rollup_row, summary_markdown, telling_patterns, window_events
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from flows.triage import triage
 from tasks.config import ActionConfig, FileSource, LoopConfig, When
-from tasks.sample import generate_traces, write_sample
+from tasks.sources.sample import generate_traces, write_sample
 
 SECRET = "whsec-canary-3f9a1c"  # must never be written anywhere but the signature
 

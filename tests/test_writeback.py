@@ -14,8 +14,8 @@ import langsmith
 import pytest
 
 from tasks.config import ActionConfig, When
-from tasks.sample import generate_traces
-from tasks.writeback import LangSmithWriter
+from tasks.sinks.langsmith import LangSmithWriter
+from tasks.sources.sample import generate_traces
 from tests.langsmith_server import LangSmithTestServer
 
 KEY = "ls-writeback-key"

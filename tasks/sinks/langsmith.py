@@ -1,6 +1,6 @@
 """Results back into LangSmith: feedback, annotation queue items and dataset examples, through the SDK.
 
-Each function takes planned actions (see `tasks.dispatch`) and returns one outcome per
+Each function takes planned actions (see `tasks.dispatch.send`) and returns one outcome per
 action: `("sent", response)` or `("failed", error)`. Ids are deterministic (the action
 id is the feedback id; the example id is derived from it), so a retry after a lost
 response writes nothing twice (a 409 counts as done). Every kind is written in batches:
@@ -24,7 +24,7 @@ from langsmith import utils as ls_utils
 
 from tasks.config import ActionConfig
 from tasks.contracts import Action, Outcome, SendContext, error_text
-from tasks.langsmith import ATTEMPTS, RateLimiter
+from tasks.sources.langsmith import ATTEMPTS, RateLimiter
 
 FEEDBACK_LIMIT = (2000, 10.0)
 OTHER_LIMIT = (1000, 10.0)

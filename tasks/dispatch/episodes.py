@@ -7,7 +7,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from tasks.config import LoopConfig
-from tasks.snapshot import SnapshotStore
+from tasks.store import SnapshotStore
 
 EPISODE_GAP = timedelta(days=1)  # how long a loop may go untriaged and still send an episode's recovery
 

@@ -27,17 +27,17 @@ from tasks.config import (
     SnapshotConfig,
 )
 from tasks.contracts import Action, Outcome, SendContext, Sink
-from tasks.evaluators import import_ref
-from tasks.follow_ups import Calls, Invalid
-from tasks.langsmith import project_id
-from tasks.ledger import ActionLog
-from tasks.prefect_events import PrefectEvents
-from tasks.records import check_records_file
-from tasks.scoring import bind_all
-from tasks.slack import Slack, SlackTarget, bot_target, webhook_target
-from tasks.snapshot import SnapshotStore
-from tasks.webhook import Webhooks
-from tasks.writeback import LangSmithWriter
+from tasks.dispatch.follow_ups import Calls, Invalid
+from tasks.dispatch.ledger import ActionLog
+from tasks.evaluation.evaluators import import_ref
+from tasks.evaluation.scoring import bind_all
+from tasks.sinks.langsmith import LangSmithWriter
+from tasks.sinks.prefect_events import PrefectEvents
+from tasks.sinks.slack import Slack, SlackTarget, bot_target, webhook_target
+from tasks.sinks.webhook import Webhooks
+from tasks.sources.langsmith import project_id
+from tasks.sources.records import check_records_file
+from tasks.store import SnapshotStore
 
 
 def langsmith_client(credentials: str | None) -> Client:

@@ -26,9 +26,9 @@ from typing import Any, NamedTuple
 from langsmith.evaluation.evaluator import EvaluationResult, RunEvaluator
 from langsmith.schemas import Run
 
-from tasks.builtin_evaluators import BUILTINS
 from tasks.config import EvaluatorConfig
-from tasks.evaluator_calls import (
+from tasks.evaluation.builtins import BUILTINS
+from tasks.evaluation.calls import (
     DEFAULT_ASYNC_CONCURRENCY,
     DEFAULT_SYNC_CONCURRENCY,
     CallCounters,
@@ -38,7 +38,7 @@ from tasks.evaluator_calls import (
     call_async,
     call_in_lanes,
 )
-from tasks.langsmith_scores import feedback_score_evaluator
+from tasks.evaluation.langsmith_scores import feedback_score_evaluator
 
 SUPPORTED_ARGS = ("run", "example", "inputs", "outputs", "reference_outputs", "attachments")
 

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 
 
 class _Forest:
-    """The trees of some root rows of a `tasks.scoring.RunRows`, grown once, on first read."""
+    """The trees of some root rows of a `tasks.evaluation.scoring.RunRows`, grown once, on first read."""
 
     def __init__(self, rows: Any, roots: list[int]):
         self.rows, self.roots = rows, roots
@@ -92,7 +92,7 @@ for _name in ("__iter__", "__len__", "__getitem__", "__contains__", "__reversed_
 
 
 def link_child_runs(rows: Any, built: list[int]) -> None:
-    """Give the root runs among rows `built` of `rows` (a `tasks.scoring.RunRows`) their `child_runs`, grown on
+    """Give the root runs among rows `built` of `rows` (a `scoring.RunRows`) their `child_runs`, grown on
     first read. The children's `Run` objects come from `rows` too (reused when a span evaluator already has
     them), so a span seen from its root is the span that evaluator scored."""
     is_root = rows.spans.column("is_root").to_numpy(zero_copy_only=False)

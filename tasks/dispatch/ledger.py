@@ -19,8 +19,8 @@ from typing import Any
 import orjson
 
 from tasks.contracts import Action, Outcome, SendContext
-from tasks.lease import DispatchLease, run_logger
-from tasks.snapshot import PREFIX, SnapshotStore, partition_name, partition_start
+from tasks.dispatch.lease import DispatchLease, run_logger
+from tasks.store import PREFIX, SnapshotStore, partition_name, partition_start
 
 LEDGER_DIR = "_ledger"
 LEDGER_STATES = ("planned", "sent", "failed")

@@ -38,7 +38,7 @@ from slack_sdk.models.blocks import (
 
 from tasks.config import ActionConfig, is_allowed_url
 from tasks.contracts import MIN_LIFT, Action, Outcome, SendContext, error_text
-from tasks.webhook import idempotency_key
+from tasks.sinks.webhook import idempotency_key
 
 RETRIES = 3
 TOP_MODES = 5

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import orjson
 
-from tasks.evaluators import Result
+from tasks.evaluation.evaluators import Result
 
 CACHE_FILE = "judge-cache.sqlite"
 _FLUSH_ROWS, _FLUSH_SECONDS = 256, 0.5

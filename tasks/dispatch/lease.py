@@ -36,7 +36,7 @@ import orjson
 from prefect import get_run_logger
 from prefect.exceptions import MissingContextError
 
-from tasks.snapshot import SnapshotStore
+from tasks.store import SnapshotStore
 
 LEASE_DIR = "_leases"
 TTL_SECONDS = 600.0

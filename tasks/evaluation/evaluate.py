@@ -1,6 +1,6 @@
 """Evaluation of a window: batches of whole traces scored in a pool of worker processes, as Prefect tasks.
 
-The scoring itself is `tasks/scoring.py`, which the worker processes import.
+The scoring itself is `tasks/evaluation/scoring.py`, which the worker processes import.
 """
 
 from __future__ import annotations
@@ -27,14 +27,14 @@ import pyarrow.parquet as pq
 from prefect import task, unmapped
 from prefect.tasks import exponential_backoff
 
-from tasks.attribute import SPAN_COLUMNS
-from tasks.batch_state import BatchState, read_state, state_path
+from tasks.analysis.attribution import SPAN_COLUMNS
 from tasks.cache import stable_hash, stage_cache_key
 from tasks.config import EvaluatorConfig, LoopConfig
 from tasks.contracts import ScoredWindow, WindowSpans
-from tasks.evaluator_calls import STOPPING, EvaluationStopped
+from tasks.evaluation.batch_state import BatchState, read_state, state_path
+from tasks.evaluation.calls import STOPPING, EvaluationStopped
+from tasks.evaluation.scoring import EvaluationSettings, bind_all, evaluate_batch_file, metadata_path
 from tasks.progress import track_batches
-from tasks.scoring import EvaluationSettings, bind_all, evaluate_batch_file, metadata_path
 
 _POOL: ProcessPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
@@ -178,7 +178,7 @@ def evaluation_pool(workers: int) -> ProcessPoolExecutor | None:
             context = multiprocessing.get_context("forkserver")
             # The server imports the main module and the scoring code once; workers fork from it
             # and so skip their own import of `__main__` (multiprocessing sees it is there).
-            context.set_forkserver_preload(["__main__", "tasks.scoring"])
+            context.set_forkserver_preload(["__main__", "tasks.evaluation.scoring"])
             _POOL = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_die_with_parent,
                                         initargs=(os.getpid(),))
         return _POOL

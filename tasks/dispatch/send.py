@@ -1,11 +1,11 @@
 """Dispatch: a window's planned actions carried out exactly once, through a table of sinks.
 
-The ledger (`tasks.ledger`) gets every `planned` entry before any effect and each send's
+The ledger (`tasks.dispatch.ledger`) gets every `planned` entry before any effect and each send's
 outcome right after that send. Receivers get the action id (or, for a send of many, a key
 derived from their ids) as an idempotency key, so a crash between a send and its ledger
 entry is absorbed by the receiver: the action log and LangSmith ignore an id they hold,
-webhook receivers see the same `Idempotency-Key`. The plan is in `tasks.plan`, what calls
-ask for in `tasks.follow_ups`, the sinks in `tasks.connections.sinks`.
+webhook receivers see the same `Idempotency-Key`. The plan is in `tasks.dispatch.plan`, what calls
+ask for in `tasks.dispatch.follow_ups`, the sinks in `tasks.sinks.connections.sinks`.
 """
 
 from __future__ import annotations
@@ -21,18 +21,18 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from tasks.config import ActionConfig, LoopConfig, source_identity
-from tasks.connections import flow_run_link, sinks_for
 from tasks.contracts import Action, DispatchCounts, Outcome, SendContext, Sink, WindowSummary, WindowTriage, error_text
-from tasks.episodes import episode_history
-from tasks.follow_ups import follow_ups, then_of
-from tasks.lease import DispatchLease
-from tasks.ledger import ActionLog, Ledger
-from tasks.plan import Plan, planned_actions
+from tasks.dispatch.episodes import episode_history
+from tasks.dispatch.follow_ups import follow_ups, then_of
+from tasks.dispatch.lease import DispatchLease
+from tasks.dispatch.ledger import ActionLog, Ledger
+from tasks.dispatch.plan import Plan, planned_actions
+from tasks.evaluation.run_tree import grown
+from tasks.evaluation.scoring import RunRows, records_path
 from tasks.progress import report
-from tasks.records import RecordFile
-from tasks.run_tree import grown
-from tasks.scoring import RunRows, records_path
-from tasks.snapshot import SnapshotStore, not_disk_full
+from tasks.sinks.connections import flow_run_link, sinks_for
+from tasks.sources.records import RecordFile
+from tasks.store import SnapshotStore, not_disk_full
 
 
 def root_runs(window_spans_path: str, trace_ids: set[str], with_children: bool = False) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Scoring a batch of spans with evaluators: what evaluation worker processes import.
 
-No Prefect here, so a worker process starts quickly; `tasks/evaluate.py` wraps this
+No Prefect here, so a worker process starts quickly; `tasks/evaluation/evaluate.py` wraps this
 as the evaluate stage (process pool and Prefect task).
 """
 
@@ -24,10 +24,10 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.batch_state import StateWriter, state_path
 from tasks.config import EvaluatorConfig
-from tasks.evaluator_calls import CallCounters, CallLimiter
-from tasks.evaluators import (
+from tasks.evaluation.batch_state import StateWriter, state_path
+from tasks.evaluation.calls import CallCounters, CallLimiter
+from tasks.evaluation.evaluators import (
     BoundEvaluator,
     Result,
     bind_evaluator,
@@ -36,11 +36,11 @@ from tasks.evaluators import (
     evaluate_items,
     run_object,
 )
-from tasks.judge_cache import CACHE_FILE, JudgeCache
-from tasks.langsmith_scores import reference_example
-from tasks.records import RECORDS_KEY, RecordFile, run_metadata
-from tasks.run_tree import link_child_runs
+from tasks.evaluation.judge_cache import CACHE_FILE, JudgeCache
+from tasks.evaluation.langsmith_scores import reference_example
+from tasks.evaluation.run_tree import link_child_runs
 from tasks.schemas import ROOT_METADATA, SCHEMA_VERSION, SCORES
+from tasks.sources.records import RECORDS_KEY, RecordFile, run_metadata
 
 _RUN_FIELDS = ("id", "name", "run_type", "error", "status", "trace_id", "dotted_order", "parent_run_id",
                "session_id", "total_tokens", "app_path", "start_time", "end_time")
@@ -214,7 +214,7 @@ def metadata_path(scores_path: str) -> str:
 def records_path(schema: pa.Schema) -> str:
     metadata = schema.metadata or {}
     if RECORDS_KEY not in metadata:
-        raise ValueError("spans table does not name its records file; load it with tasks.records.load_spans")
+        raise ValueError("spans table does not name its records file; load it with tasks.sources.records.load_spans")
     return metadata[RECORDS_KEY].decode()
 
 

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 
 from tasks.config import ActionConfig, When
 from tasks.contracts import Action, Outcome, SendContext, error_text
-from tasks.evaluators import import_ref
+from tasks.evaluation.evaluators import import_ref
 
 FOLLOW_UPS = ("log", "feedback", "annotation_queue", "dataset", "webhook", "slack", "prefect_event")
 

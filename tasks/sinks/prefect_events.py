@@ -9,7 +9,7 @@ from prefect.events import emit_event
 
 from tasks.config import ActionConfig
 from tasks.contracts import Action, Outcome, SendContext
-from tasks.follow_ups import json_safe
+from tasks.dispatch.follow_ups import json_safe
 
 BATCH = 100  # events per dispatch send (the ledger is written after each)
 

@@ -19,7 +19,7 @@ import pandas as pd
 
 from tasks.config import LoopConfig, When
 from tasks.contracts import Action
-from tasks.episodes import episode_event
+from tasks.dispatch.episodes import episode_event
 
 ACTION_NAMESPACE = uuid.UUID("0b6a3f0e-4f7e-4c1f-9f55-2f0e8d1c7a11")
 

@@ -35,7 +35,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.config import SpikeConfig
 from tasks.contracts import MIN_LIFT, WindowTriage
-from tasks.snapshot import SnapshotStore
+from tasks.store import SnapshotStore
 
 RATE_KINDS = ("failure_rate", "evaluator_failure_rate", "evaluator_error_rate")
 SHARE_KINDS = ("root_cause", "pattern")

@@ -19,14 +19,14 @@ from typing import Any
 import pyarrow as pa
 from langsmith.schemas import Example
 
-from tasks.records import RecordFile
+from tasks.sources.records import RecordFile
 
 FEEDBACK_PREFIX = "langsmith:feedback/"
 
 
 def feedback_score_evaluator(key: str) -> Callable[..., dict[str, list[Any]]]:
     """A columnar evaluator: each span's existing LangSmith feedback score under `key`, or an error row."""
-    from tasks.scoring import records_path
+    from tasks.evaluation.scoring import records_path
 
     def feedback_score(spans: pa.Table) -> dict[str, list[Any]]:
         scores: list[float | None] = []

@@ -26,12 +26,12 @@ from prefect.tasks import exponential_backoff
 
 from tasks.cache import stable_hash, stage_cache_key, work_epoch, write_manifest
 from tasks.config import FileSource, LangSmithSource, LoopConfig, SampleSource
-from tasks.connections import langsmith_client
 from tasks.contracts import SourceSpans, SourceWindows, WindowSpans
-from tasks.langsmith import FetchStats, LangSmithSourceError, fetch_runs, meta_path, source_range
 from tasks.progress import report
-from tasks.records import RECORDS_KEY, Skipped, check_records_file, load_spans
-from tasks.sample import generate_traces, write_sample
+from tasks.sinks.connections import langsmith_client
+from tasks.sources.langsmith import FetchStats, LangSmithSourceError, fetch_runs, meta_path, source_range
+from tasks.sources.records import RECORDS_KEY, Skipped, check_records_file, load_spans
+from tasks.sources.sample import generate_traces, write_sample
 
 ORPHAN = "span whose trace root is not in the source"
 
