@@ -27,7 +27,7 @@ from langsmith.evaluation.evaluator import EvaluationResult, RunEvaluator
 from langsmith.schemas import Run
 
 from tasks.builtin_evaluators import BUILTINS
-from tasks.config import EvaluatorConfig
+from tasks.config import ConfigError, EvaluatorConfig
 from tasks.evaluator_calls import (
     DEFAULT_ASYNC_CONCURRENCY,
     DEFAULT_SYNC_CONCURRENCY,
@@ -46,7 +46,7 @@ _REGISTRY: dict[str, Any] = {}
 _REGISTRY_LOCK = threading.Lock()
 
 
-class EvaluatorError(ValueError):
+class EvaluatorError(ConfigError):
     """An evaluator that cannot be used; raised before anything runs."""
 
 

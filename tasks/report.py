@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 import pandas as pd
 
-from tasks.config import SpikeConfig, parse_duration
+from tasks.config import ConfigError, SpikeConfig, parse_duration
 from tasks.snapshot import SnapshotStore
 from tasks.trends import new_failure_modes, read_series, spike_checks
 
@@ -35,7 +35,7 @@ def since_start(since: str, latest: datetime) -> datetime:
     try:
         moment = datetime.fromisoformat(since)
     except ValueError:
-        raise ValueError(f"--since {since!r} is neither a duration like 7d nor an ISO time") from None
+        raise ConfigError(f"--since {since!r} is neither a duration like 7d nor an ISO time") from None
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
@@ -43,7 +43,7 @@ def trend_report(store: SnapshotStore, since: str, spikes: SpikeConfig) -> Trend
     """Series of the windows since `since`; spikes checked against baselines that may start before it."""
     every = store.windows("windows")
     if not every:
-        raise ValueError(f"no snapshots in {store.url}; run `tracetriage run` first or check snapshots.url")
+        raise ConfigError(f"no snapshots in {store.url}; run `tracetriage run` first or check snapshots.url")
     start = since_start(since, every[-1])
     shown = [w for w in every if w >= start]
     first = every.index(shown[0])

@@ -36,7 +36,7 @@ from slack_sdk.models.blocks import (
     SectionBlock,
 )
 
-from tasks.config import SLACK_TOKEN_ENV, SLACK_WEBHOOK_ENV, ActionConfig
+from tasks.config import SLACK_TOKEN_ENV, SLACK_WEBHOOK_ENV, ActionConfig, ConfigError, load_block
 from tasks.webhook import is_allowed_url
 
 Outcome = tuple[str, Any]
@@ -81,8 +81,8 @@ def redacting_logger(secret: str, shown: str = "***") -> logging.Logger:
 def _webhook_client(url: str, origin: str) -> WebhookClient:
     """An incoming-webhook client; the URL is the credential, so errors about it never show it."""
     if not is_allowed_url(url):
-        raise ValueError(f"the Slack webhook URL in {origin} must be https://hooks.slack.com/services/... (not "
-                         f"shown: it is a secret)")
+        raise ConfigError(f"the Slack webhook URL in {origin} must be https://hooks.slack.com/services/... (not "
+                          f"shown: it is a secret)")
     parts = urlsplit(url)
     return WebhookClient(url, retry_handlers=retry_handlers(),
                          logger=redacting_logger(url, f"{parts.scheme}://{parts.netloc}/services/***"))
@@ -128,20 +128,20 @@ def slack_target(rule: ActionConfig) -> SlackTarget:
     if rule.block:
         from prefect_slack import SlackWebhook
 
-        url = SlackWebhook.load(rule.block).url.get_secret_value()
+        url = load_block(SlackWebhook, rule.block, "block").url.get_secret_value()
         return SlackTarget(webhook=_webhook_client(url, f"SlackWebhook block {rule.block!r}"))
     token = None
     if rule.credentials:
         from prefect_slack import SlackCredentials
 
-        token = SlackCredentials.load(rule.credentials).token.get_secret_value()
+        token = load_block(SlackCredentials, rule.credentials, "credentials").token.get_secret_value()
     elif os.environ.get(SLACK_WEBHOOK_ENV):
         return SlackTarget(webhook=_webhook_client(os.environ[SLACK_WEBHOOK_ENV], f"${SLACK_WEBHOOK_ENV}"))
     elif os.environ.get(SLACK_TOKEN_ENV) and rule.channel:
         token = os.environ[SLACK_TOKEN_ENV]
     if token is None:
-        raise ValueError(f"`do: slack` needs `block:` (a SlackWebhook block), `credentials:` and `channel:` (a "
-                         f"SlackCredentials block), ${SLACK_WEBHOOK_ENV}, or ${SLACK_TOKEN_ENV} with `channel:`")
+        raise ConfigError(f"`do: slack` needs `block:` (a SlackWebhook block), `credentials:` and `channel:` (a "
+                          f"SlackCredentials block), ${SLACK_WEBHOOK_ENV}, or ${SLACK_TOKEN_ENV} with `channel:`")
     base = {"base_url": rule.api_url} if rule.api_url else {}
     web = WebClient(token=token, retry_handlers=retry_handlers(), logger=redacting_logger(token), **base)
     return SlackTarget(web=web, channel=rule.channel)

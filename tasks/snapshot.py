@@ -28,7 +28,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from tasks.config import SnapshotConfig
+from tasks.config import ConfigError, SnapshotConfig, load_block
 from tasks.schemas import SCHEMA_VERSION, SNAPSHOT_TABLES, SPANS_SNAPSHOT
 
 PART = "part-0.parquet"
@@ -86,7 +86,7 @@ class SnapshotStore:
             try:
                 fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
             except ImportError as exc:
-                raise ValueError(f"snapshots.url {url!r} needs an fsspec backend: {exc}") from None
+                raise ConfigError(f"snapshots.url {url!r} needs an fsspec backend: {exc}") from None
             self.root = root.rstrip("/")
             self.fs = pafs.PyFileSystem(pafs.FSSpecHandler(fs))
             self.url = url.rstrip("/")
@@ -257,7 +257,7 @@ def open_store(snapshots: SnapshotConfig, default_url: str | Path) -> SnapshotSt
     if snapshots.block:
         from blocks.storage import SnapshotStorage
 
-        return SnapshotStorage.load(snapshots.block).get_store()
+        return load_block(SnapshotStorage, snapshots.block, "snapshots.block").get_store()
     return SnapshotStore(snapshots.url or str(default_url), snapshots.storage_options)
 
 

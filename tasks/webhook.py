@@ -22,6 +22,8 @@ from urllib.parse import urlparse
 import httpx
 import orjson
 
+from tasks.config import ConfigError, load_block
+
 PAYLOAD_VERSION = 1
 BATCH = 100
 ATTEMPTS = 5
@@ -53,7 +55,7 @@ def check_url(url: str) -> str:
     """Webhooks go over https; plain http only to this machine."""
     if is_allowed_url(url):
         return url
-    raise ValueError(f"webhook url {url!r} must use https (http is allowed only to localhost)")
+    raise ConfigError(f"webhook url {url!r} must use https (http is allowed only to localhost)")
 
 
 def idempotency_key(records: list[dict[str, Any]]) -> str:
@@ -129,8 +131,8 @@ def webhook_secret(rule: Any) -> str:
     if rule.secret_block:
         from prefect.blocks.system import Secret
 
-        return str(Secret.load(rule.secret_block).get())
+        return str(load_block(Secret, rule.secret_block, "secret_block").get())
     value = os.environ.get(rule.secret_env or "")
     if not value:
-        raise ValueError(f"webhook secret: environment variable {rule.secret_env} is not set")
+        raise ConfigError(f"webhook secret: environment variable {rule.secret_env} is not set")
     return value
