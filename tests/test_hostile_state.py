@@ -24,7 +24,7 @@ from tasks.dispatch import ActionLog, Ledger, read_ledger
 from tasks.lease import DispatchLease
 from tasks.sample import generate_traces, write_sample
 from tasks.snapshot import SnapshotStore
-from tests.test_webhooks import SECRET, Receiver
+from tests.webhook_receiver import SECRET, Receiver
 
 WINDOW = datetime(2026, 11, 2, 9, tzinfo=UTC)
 

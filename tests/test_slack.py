@@ -18,7 +18,7 @@ from tasks.sample import DEFAULT_RATES, SAMPLE_START, generate_windows, write_sa
 from tasks.slack import markdown_section, traces_message
 from tasks.trends import episode_event
 from tests.slack_server import SlackServer
-from tests.test_webhooks import SECRET, Receiver
+from tests.webhook_receiver import SECRET, Receiver
 
 TOKEN = "xoxb-canary-51c0ffee"
 SPIKES = (7, 8, 11)  # of 13 hourly windows
