@@ -59,6 +59,7 @@ def window_summary(
         "snapshot_uri": snapshot_uri,
     }
     if trace_url:
+        summary["trace_url"] = trace_url  # Slack links any trace a rule matched, not only these examples
         for item in summary["root_causes"] + summary["patterns"]:
             item["example_trace_urls"] = [f"{trace_url}{t}?trace_id={t}" for t in item["example_trace_ids"]]
     return summary
