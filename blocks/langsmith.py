@@ -8,6 +8,8 @@ from langsmith import Client
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
+from tasks.config import ConfigError
+
 DEFAULT_API_URL = "https://api.smith.langchain.com"
 
 
@@ -32,11 +34,11 @@ class LangSmithCredentials(Block):
         return (self.api_url or os.environ.get("LANGSMITH_ENDPOINT") or DEFAULT_API_URL).rstrip("/")
 
     def get_client(self) -> Client:
-        """A `langsmith.Client` for these credentials; raises ValueError when there is no API key at all."""
+        """A `langsmith.Client` for these credentials; raises ConfigError when there is no API key at all."""
         key = self.api_key.get_secret_value() if self.api_key else os.environ.get("LANGSMITH_API_KEY")
         if not key:
-            raise ValueError("no LangSmith API key: set LANGSMITH_API_KEY or save a LangSmithCredentials block "
-                             "and name it in source.credentials")
+            raise ConfigError("no LangSmith API key: set LANGSMITH_API_KEY or save a LangSmithCredentials block "
+                              "and name it in source.credentials")
         workspace = self.workspace_id or os.environ.get("LANGSMITH_WORKSPACE_ID") or None
         # Our own retries pace every request under the rate limits; the SDK's would not wait for our bucket.
         return Client(api_url=self.resolved_api_url(), api_key=key, workspace_id=workspace,

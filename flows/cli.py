@@ -12,16 +12,31 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import sys
 import tempfile
+import traceback
 from datetime import UTC, datetime
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from flows import local_api
-from tasks.config import DEFAULT_OUT, ConfigError, FileSource, LangSmithSource, SnapshotConfig, load_config
-from tasks.sources.langsmith import LangSmithFetchError, LangSmithSourceError
+from tasks.config import (
+    DEFAULT_OUT,
+    ConfigError,
+    FileSource,
+    LangSmithSource,
+    LoopConfig,
+    SnapshotConfig,
+    load_config,
+)
+from tasks.sources.langsmith import LangSmithFetchError
+
+# Disk errors that are the machine's, not a bug: printed as one line naming the path, like a full disk.
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
 
 
 def _moment(text: str) -> datetime:
@@ -113,25 +128,63 @@ def _unwritable(out: Path) -> str | None:
     return None
 
 
+def refused(exc: ConfigError) -> int:
+    """A config or input the user fixes: its message (which names the fix) and exit 2, no traceback."""
+    print(f"tracetriage: {exc}", file=sys.stderr)
+    return 2
+
+
+def unexpected(exc: BaseException, flow_runs_url: str | None = None) -> int:
+    """A bug, in tracetriage or in code the config names: the traceback, then what it was and where more is;
+    exit 1. tracetriage keeps no log file; a flow run's logs (Prefect's) are in the Prefect UI."""
+    traceback.print_exception(exc, file=sys.stderr)
+    more = (f"this run's flow-run logs are in the Prefect UI at {flow_runs_url}" if flow_runs_url
+            else "no flow run had started")
+    print(f"tracetriage: unexpected {type(exc).__name__}: a bug in tracetriage or in code the config names, not a "
+          f"config error; the traceback above is the full error (tracetriage writes no log file), and {more}",
+          file=sys.stderr)
+    return 1
+
+
+def _flow_runs_url(server: local_api.LocalServer | None) -> str | None:
+    """The Prefect UI's flow-run list this run reports to (the local server's, else the configured API's)."""
+    from prefect.settings import get_current_settings
+
+    ui = server.url if server else get_current_settings().ui_url
+    return f"{ui}/runs" if ui else None
+
+
+def _with_source(config: LoopConfig, source: str) -> LoopConfig:
+    """The config with `--source` in place of its source: a file, or `langsmith:PROJECT`."""
+    try:
+        if source.startswith("langsmith:"):
+            project = source.removeprefix("langsmith:")
+            current = config.source if isinstance(config.source, LangSmithSource) else None
+            return config.model_copy(update={"source": current.model_copy(update={"project": project}) if current
+                                             else LangSmithSource(project=project)})
+        return config.model_copy(update={"source": FileSource(path=source)})
+    except ValidationError as exc:
+        raise _flag_error("--source", source, exc) from None
+
+
+def _flag_error(flag: str, value: str, error: ValidationError) -> ConfigError:
+    """A flag's value that its config field refuses, in one line."""
+    reasons = "; ".join(item["msg"].removeprefix("Value error, ") for item in error.errors())
+    return ConfigError(f"{flag} {value!r}: {reasons}")
+
+
 def run_command(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config) if args.config else load_config(data={})
-        if args.source and args.source.startswith("langsmith:"):
-            project = args.source.removeprefix("langsmith:")
-            current = config.source if isinstance(config.source, LangSmithSource) else None
-            source = (current.model_copy(update={"project": project}) if current
-                      else LangSmithSource(project=project))
-            config = config.model_copy(update={"source": source})
-        elif args.source:
-            config = config.model_copy(update={"source": FileSource(path=args.source)})
+        if args.source:
+            config = _with_source(config, args.source)
         server = _local_server()  # starts while the flow modules import and the config is checked
         from flows.triage import triage
         from tasks.sinks.connections import validate
 
         validate(config)
-    except (ConfigError, ValueError, FileNotFoundError, LangSmithSourceError) as exc:
-        print(f"tracetriage: {exc}", file=sys.stderr)
-        return 2
+    except ConfigError as exc:
+        return refused(exc)
     if args.start and args.end and args.start >= args.end:
         print("tracetriage: --start must be before --end", file=sys.stderr)
         return 2
@@ -147,13 +200,20 @@ def run_command(args: argparse.Namespace) -> int:
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext(), api, _progress_bar():
         try:
             result = triage(config=config, start=args.start, end=args.end, out=args.out)
-        except (ValueError, LangSmithSourceError, LangSmithFetchError) as exc:
+        except ConfigError as exc:  # e.g. a LangSmith project deleted since the check
+            return refused(exc)
+        except LangSmithFetchError as exc:  # every retry spent: one line; the rerun fetches again
             print(f"tracetriage: {exc}", file=sys.stderr)
             return 1
-        except OSError as exc:  # a full or read-only disk: which path, in one line; the rerun sends nothing twice
+        except OSError as exc:
+            if exc.filename is None and exc.errno not in DISK_ERRNOS:
+                return unexpected(exc, _flow_runs_url(server))
+            # A full or read-only disk: which path, in one line; the rerun sends nothing twice.
             where = f"{exc.filename}: " if exc.filename else ""
             print(f"tracetriage: {where}{exc.strerror or exc}", file=sys.stderr)
             return 1
+        except Exception as exc:  # noqa: BLE001 - a bug: shown whole, with where the flow run's logs are
+            return unexpected(exc, _flow_runs_url(server))
     from tasks.summary import skipped_text
 
     skipped = skipped_text(result["skipped"])
@@ -230,14 +290,14 @@ def server_command(args: argparse.Namespace) -> int:
 
 
 def _rates(items: list[str], flag: str) -> dict[str, float]:
-    """`MODE=SHARE` items as a dict; ValueError naming the flag when one is malformed."""
+    """`MODE=SHARE` items as a dict; ConfigError naming the flag when one is malformed."""
     rates = {}
     for item in items:
         mode, _, share = item.partition("=")
         try:
             rates[mode] = float(share)
         except ValueError:
-            raise ValueError(f"{flag} {item!r} must look like tool_error=0.2") from None
+            raise ConfigError(f"{flag} {item!r} must look like tool_error=0.2") from None
     return rates
 
 
@@ -247,8 +307,8 @@ def _window_rates(items: list[str], windows: int, base: dict[str, float]) -> lis
     for item in items:
         number, _, rate = item.partition(":")
         if not number.isdigit() or not 1 <= int(number) <= windows:
-            raise ValueError(f"--window-rate {item!r}: N must be a window number from 1 to {windows}, "
-                             "e.g. 25:tool_error=0.25")
+            raise ConfigError(f"--window-rate {item!r}: N must be a window number from 1 to {windows}, "
+                              "e.g. 25:tool_error=0.25")
         per_window[int(number) - 1].update(_rates([rate], "--window-rate"))
     return [rates or None for rates in per_window]
 
@@ -261,22 +321,21 @@ def sample_command(args: argparse.Namespace) -> int:
         return 2
     try:
         if args.windows is None and args.window_rate:
-            raise ValueError("--window-rate needs --windows N")
+            raise ConfigError("--window-rate needs --windows N")
         if args.windows is not None and args.hours is not None:
-            raise ValueError("give --windows (hourly windows) or --hours, not both")
+            raise ConfigError("give --windows (hourly windows) or --hours, not both")
         rates = _rates(args.rate, "--rate")
         if args.windows is not None:
             if args.windows < 1:
-                raise ValueError("--windows must be at least 1")
+                raise ConfigError("--windows must be at least 1")
             sample = generate_windows(args.traces, _window_rates(args.window_rate, args.windows, rates),
                                       seed=args.seed)
             traces = args.traces * args.windows
         else:
             sample = generate_traces(args.traces, seed=args.seed, hours=args.hours or 3, rates=rates)
             traces = args.traces
-    except ValueError as exc:
-        print(f"tracetriage: {exc}", file=sys.stderr)
-        return 2
+    except ConfigError as exc:
+        return refused(exc)
     truth = write_sample(args.out, sample)
     print(f"wrote {len(sample.records)} runs of {traces} traces to {args.out} (ground truth: {truth})")
     return 0
@@ -289,11 +348,13 @@ def report_command(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config) if args.config else load_config(data={})
         if args.snapshots:
-            config = config.model_copy(update={"snapshots": SnapshotConfig(url=args.snapshots)})
+            try:
+                config = config.model_copy(update={"snapshots": SnapshotConfig(url=args.snapshots)})
+            except ValidationError as exc:
+                raise _flag_error("--snapshots", args.snapshots, exc) from None
         report = trend_report(open_store(config.snapshots, args.out / "snapshots"), args.since, config.spikes)
-    except (ConfigError, ValueError) as exc:
-        print(f"tracetriage: {exc}", file=sys.stderr)
-        return 2
+    except ConfigError as exc:
+        return refused(exc)
     chart = args.chart or args.out / "trend.png"
     chart.parent.mkdir(parents=True, exist_ok=True)
     chart.write_bytes(report.chart_png)
@@ -310,7 +371,10 @@ def main(argv: list[str] | None = None) -> int:
     # Offline by default: no telemetry from the temporary Prefect server.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     args = _parser().parse_args(argv)
-    return COMMANDS[args.command](args)
+    try:
+        return COMMANDS[args.command](args)
+    except Exception as exc:  # noqa: BLE001 - a bug: shown whole; config and input errors were one line above
+        return unexpected(exc)
 
 
 if __name__ == "__main__":

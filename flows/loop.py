@@ -31,7 +31,16 @@ from prefect import Flow, flow
 from prefect.deployments.runner import RunnerDeployment
 
 from flows.triage import triage
-from tasks.config import DEFAULT_OUT, ActionConfig, EvaluatorConfig, FileSource, LangSmithSource, LoopConfig, When
+from tasks.config import (
+    DEFAULT_OUT,
+    ActionConfig,
+    ConfigError,
+    EvaluatorConfig,
+    FileSource,
+    LangSmithSource,
+    LoopConfig,
+    When,
+)
 from tasks.evaluation.evaluators import register
 from tasks.sinks.connections import validate
 from tasks.sources.langsmith import LangSmithSourceError
@@ -39,7 +48,7 @@ from tasks.sources.langsmith import LangSmithSourceError
 FEEDBACK = "feedback:"
 
 
-class FeedbackLoopError(ValueError):
+class FeedbackLoopError(ConfigError):
     """A loop that cannot start: no credentials, no such project, a bad evaluator. One line, before any effect."""
 
 

@@ -742,11 +742,25 @@ def check_url(url: str) -> str:
     """Webhooks go over https; plain http only to this machine."""
     if is_allowed_url(url):
         return url
-    raise ValueError(f"webhook url {url!r} must use https (http is allowed only to localhost)")
+    raise ConfigError(f"webhook url {url!r} must use https (http is allowed only to localhost)")
 
 
 class ConfigError(ValueError):
-    """A config that cannot run; the message names the field and the fix."""
+    """A config or input that cannot run; the message names the field, file or argument and the fix.
+
+    The base of every error a user fixes in what they gave (the config, a flag, a file, a secret, an evaluator
+    ref): the CLI prints its message without a traceback and exits 2. Any other exception is a bug: the CLI shows
+    its traceback and exits 1.
+    """
+
+
+def load_block(block_type: Any, name: str, field: str) -> Any:
+    """The saved Prefect block `name` of `block_type`; a ConfigError naming the config field when it cannot load
+    (Prefect raises a bare ValueError for a name that was never saved)."""
+    try:
+        return block_type.load(name)
+    except ValueError as exc:
+        raise ConfigError(f"{field} {name!r}: {exc}") from None
 
 
 def _all_field_names() -> set[str]:

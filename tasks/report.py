@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.analysis.attribution import REASONS
 from tasks.analysis.trends import new_failure_modes, read_series, spike_checks
-from tasks.config import LoopConfig, SpikeConfig, parse_duration
+from tasks.config import ConfigError, LoopConfig, SpikeConfig, parse_duration
 from tasks.sinks.connections import open_store
 from tasks.store import SnapshotStore
 from tasks.summary import artifact_key, trace_text
@@ -43,7 +43,7 @@ def since_start(since: str, latest: datetime) -> datetime:
     try:
         moment = datetime.fromisoformat(since)
     except ValueError:
-        raise ValueError(f"--since {since!r} is neither a duration like 7d nor an ISO time") from None
+        raise ConfigError(f"--since {since!r} is neither a duration like 7d nor an ISO time") from None
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
@@ -51,7 +51,7 @@ def trend_report(store: SnapshotStore, since: str, spikes: SpikeConfig) -> Trend
     """Series of the windows since `since`; spikes checked against baselines that may start before it."""
     every = store.windows("windows")
     if not every:
-        raise ValueError(f"no snapshots in {store.url}; run `tracetriage run` first or check snapshots.url")
+        raise ConfigError(f"no snapshots in {store.url}; run `tracetriage run` first or check snapshots.url")
     start = since_start(since, every[-1])
     shown = [w for w in every if w >= start]
     first = every.index(shown[0])

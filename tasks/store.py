@@ -28,6 +28,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
+from tasks.config import ConfigError
 from tasks.contracts import WindowTriage
 from tasks.schemas import SCHEMA_VERSION, SNAPSHOT_TABLES, SPANS_SNAPSHOT
 
@@ -86,7 +87,7 @@ class SnapshotStore:
             try:
                 fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
             except ImportError as exc:
-                raise ValueError(f"snapshots.url {url!r} needs an fsspec backend: {exc}") from None
+                raise ConfigError(f"snapshots.url {url!r} needs an fsspec backend: {exc}") from None
             self.root = root.rstrip("/")
             self.fs = pafs.PyFileSystem(pafs.FSSpecHandler(fs))
             self.url = url.rstrip("/")

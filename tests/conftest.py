@@ -11,13 +11,13 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 # Credentials for the local S3 only; never let boto look further (instance metadata, profiles).
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
-MOTO_KEY, MOTO_SECRET = "moto-test-key", "moto-test-secret-canary-7f3e"
 
 import pytest  # noqa: E402
 from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from tasks.sources.sample import generate_traces, write_sample  # noqa: E402
+from tests.moto_s3 import MOTO_KEY, MOTO_SECRET  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)

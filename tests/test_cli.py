@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -67,6 +68,66 @@ def test_a_bad_config_is_refused_before_anything_is_written(tmp_path, capsys):
 def test_a_missing_source_file_is_one_clear_error(tmp_path, capsys):
     assert main(["run", "--source", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("bug", "kind"), [("int('0.5')", "ValueError"), ("len(None)", "TypeError")])
+def test_an_evaluator_module_that_raises_is_exit_1_with_its_traceback_not_a_one_line_config_error(
+        runs, tmp_path, monkeypatch, capsys, bug, kind):
+    module = f"broken_evals_{kind.lower()}"
+    (tmp_path / f"{module}.py").write_text(f"THRESHOLD = {bug}  # a bug in the user's module\n\n\n"
+                                           "def score(outputs):\n    return 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = tmp_path / "loop.yaml"
+    config.write_text(yaml.safe_dump({"evaluators": [{"key": "q", "ref": f"{module}:score", "threshold": 0.5}]}))
+    out = tmp_path / "out"
+    assert main(["run", "--config", str(config), "--source", str(runs), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and f"{module}.py\", line 1" in err and f"\n{kind}: " in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"tracetriage: unexpected {kind}: a bug") and "writes no log file" in last
+    assert "no flow run had started" in last
+    assert not out.exists()
+
+
+def test_a_bug_during_the_flow_is_exit_1_with_its_traceback_and_where_the_flow_run_logs_are(
+        runs, tmp_path, monkeypatch, capsys):
+    import tasks.analysis.failure_modes
+
+    def failure_patterns(*args, **kwargs):
+        raise ValueError("a bug in the failure modes")
+
+    monkeypatch.setattr(tasks.analysis.failure_modes, "failure_patterns", failure_patterns)
+    assert main(["run", "--source", str(runs), "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and 'raise ValueError("a bug in the failure modes")' in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("tracetriage: unexpected ValueError: a bug") and "writes no log file" in last
+    assert re.search(r"flow-run logs are in the Prefect UI at http://\S+/runs$", last)
+
+
+@pytest.mark.parametrize(("rule", "message"), [
+    ({"secret_env": "TRACETRIAGE_TEST_UNSET_SECRET"},
+     "webhook secret: environment variable TRACETRIAGE_TEST_UNSET_SECRET is not set"),
+    ({"secret_block": "no-such-secret"},
+     "secret_block 'no-such-secret': Unable to find block document named no-such-secret for block type secret"),
+])
+def test_a_missing_secret_is_a_config_error_exit_2_with_one_line(runs, tmp_path, monkeypatch, capsys, rule,
+                                                                 message):
+    monkeypatch.delenv("TRACETRIAGE_TEST_UNSET_SECRET", raising=False)
+    config = tmp_path / "loop.yaml"
+    config.write_text(yaml.safe_dump({"actions": [{"when": {"failing": True}, "do": "webhook",
+                                                   "url": "https://hooks.example.com/triage", **rule}]}))
+    out = tmp_path / "out"
+    assert main(["run", "--config", str(config), "--source", str(runs), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"tracetriage: {message}"]
+    assert not out.exists()
+
+
+def test_a_source_flag_its_field_refuses_is_exit_2_with_one_line(tmp_path, capsys):
+    assert main(["run", "--source", "langsmith:", "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "tracetriage: --source 'langsmith:': a langsmith source needs `project: NAME` or `experiment: NAME` "
+        "(one of them)"]
 
 
 def test_the_readme_opens_with_the_two_commands_and_ci_runs_the_test_one():

@@ -18,18 +18,12 @@ from tasks.dispatch.ledger import read_ledger
 from tasks.sources.sample import generate_traces, write_sample
 from tasks.store import SnapshotStore
 from tests.slack_server import SlackServer
-from tests.test_webhooks import SECRET, Receiver
+from tests.triage_child import CHILD
+from tests.webhook_receiver import SECRET, Receiver
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCH = 10
 KILL_AT = 3  # the third webhook request: the first two batches were answered, the third never is
-
-CHILD = """
-import sys
-from flows.triage import triage
-from tasks.config import LoopConfig
-triage(config=LoopConfig.model_validate_json(open(sys.argv[1]).read()), out=sys.argv[2])
-"""
 
 
 class KillingReceiver(Receiver):

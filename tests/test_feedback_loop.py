@@ -316,7 +316,7 @@ def test_a_served_loop_carries_its_callables_into_a_fresh_process(tmp_path):
 
 
 def test_a_webhook_asked_for_by_on_failure_is_signed_and_sent_once(server, sample, tmp_path, monkeypatch):
-    from tests.test_webhooks import SECRET, Receiver
+    from tests.webhook_receiver import SECRET, Receiver
 
     server.add_project("hooks", sample.records)
     failing = {t["trace_id"] for t in sample.truth if t["failure_mode"] in FAILS}

@@ -24,7 +24,7 @@ from tasks.dispatch.lease import DispatchLease
 from tasks.dispatch.ledger import ActionLog, Ledger, read_ledger
 from tasks.sources.sample import generate_traces, write_sample
 from tasks.store import SnapshotStore
-from tests.test_webhooks import SECRET, Receiver
+from tests.webhook_receiver import SECRET, Receiver
 
 WINDOW = datetime(2026, 11, 2, 9, tzinfo=UTC)
 

@@ -20,9 +20,9 @@ from tasks.dispatch.lease import DispatchLease, LeaseLost
 from tasks.dispatch.ledger import Ledger, read_ledger
 from tasks.sources.sample import generate_traces, write_sample
 from tasks.store import SnapshotStore
-from tests.conftest import MOTO_KEY, MOTO_SECRET
-from tests.test_crash import CHILD
-from tests.test_webhooks import SECRET, Receiver
+from tests.moto_s3 import MOTO_KEY, MOTO_SECRET
+from tests.triage_child import CHILD
+from tests.webhook_receiver import SECRET, Receiver
 
 ROOT = Path(__file__).resolve().parent.parent
 ELSEWHERE = {"host": "worker-2", "boot": "another-boot-id", "pidns": "pid:[1]"}

@@ -11,8 +11,8 @@ from tasks.config import FileSource, LoopConfig, SnapshotConfig, SpikeConfig
 from tasks.dispatch.ledger import read_ledger
 from tasks.sources.sample import DEFAULT_RATES, generate_windows, write_sample
 from tasks.store import SnapshotStore
-from tests.conftest import MOTO_KEY as KEY
-from tests.conftest import MOTO_SECRET as SECRET
+from tests.moto_s3 import MOTO_KEY as KEY
+from tests.moto_s3 import MOTO_SECRET as SECRET
 
 
 def test_s3_snapshots_give_the_same_trends_as_local_ones(s3_endpoint, tmp_path):

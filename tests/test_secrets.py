@@ -27,7 +27,7 @@ from tasks.sources.sample import SAMPLE_START, generate_traces
 from tests.langsmith_server import LangSmithTestServer
 from tests.prefect_api import read_events
 from tests.slack_server import SlackServer
-from tests.test_webhooks import Receiver
+from tests.webhook_receiver import Receiver
 
 LANGSMITH_KEY = "lsv2_pt_canaryLANGSMITH0000000000000000_5eed"
 HOOK_SECRET = "whsec-canary-HMAC-7e11"
@@ -59,7 +59,7 @@ def test_canary_secrets_appear_in_no_log_artifact_snapshot_ledger_event_or_paylo
     records = generate_traces(200, seed=41, start=SAMPLE_START, hours=1).records
     with LangSmithTestServer(api_key=LANGSMITH_KEY) as langsmith, SlackServer(token=SLACK_TOKEN) as slack, \
             Receiver() as hook, Receiver([400] * 100) as refusing, pytest.MonkeyPatch.context() as patch:
-        patch.setattr("tests.test_webhooks.SECRET", HOOK_SECRET)  # the receiver verifies with the canary
+        patch.setattr("tests.webhook_receiver.SECRET", HOOK_SECRET)  # the receiver verifies with the canary
         patch.setenv("LANGSMITH_TRACING", "false")
         langsmith.add_project("canary-project", records)
         LangSmithCredentials(api_key=LANGSMITH_KEY, api_url=langsmith.url).save("canary-langsmith", overwrite=True)

@@ -13,12 +13,12 @@ from prefect_slack import SlackCredentials, SlackWebhook
 from slack_sdk.models.blocks import Block, ContextBlock, DividerBlock, HeaderBlock, SectionBlock
 
 from flows.triage import triage
-from tasks.config import ActionConfig, FileSource, LoopConfig, When
+from tasks.config import ActionConfig, FileSource, LangSmithSource, LoopConfig, When
 from tasks.dispatch.episodes import episode_event
 from tasks.sinks.slack import markdown_section, traces_message
-from tasks.sources.sample import DEFAULT_RATES, SAMPLE_START, generate_windows, write_sample
+from tasks.sources.sample import DEFAULT_RATES, SAMPLE_START, generate_traces, generate_windows, write_sample
 from tests.slack_server import SlackServer
-from tests.test_webhooks import SECRET, Receiver
+from tests.webhook_receiver import SECRET, Receiver
 
 TOKEN = "xoxb-canary-51c0ffee"
 SPIKES = (7, 8, 11)  # of 13 hourly windows
@@ -198,3 +198,36 @@ def test_text_from_traces_is_escaped_and_a_long_section_is_cut_at_a_whole_line()
     (section,) = Block.parse_all([markdown_section("• a line of a long list\n" * 200).to_dict()])
     lines = section.text.text.split("\n")
     assert len(section.text.text) <= 3000 and lines[-1] == "…" and set(lines[:-1]) == {"• a line of a long list"}
+
+
+def test_a_slack_alert_on_a_langsmith_source_links_each_example_trace_to_langsmith(tmp_path: Path, monkeypatch):
+    """The traces a per-trace rule matched are not all among the root causes' examples (traces without an error
+    pass, mostly): each links anyway."""
+    import re
+
+    from tasks.sinks.connections import langsmith_client
+    from tasks.sources.langsmith import source_project, trace_url_prefix
+    from tests.langsmith_server import LangSmithTestServer
+
+    key = "ls-slack-test-key"
+    with LangSmithTestServer(api_key=key) as langsmith, SlackServer(token=TOKEN) as slack:
+        monkeypatch.setenv("LANGSMITH_ENDPOINT", langsmith.url)
+        monkeypatch.setenv("LANGSMITH_API_KEY", key)
+        monkeypatch.setenv("LANGSMITH_TRACING", "false")
+        langsmith.add_project("slack-links", generate_traces(200, seed=43, start=SAMPLE_START, hours=1).records)
+        SlackCredentials(token=TOKEN).save("links-bot", overwrite=True)
+        config = LoopConfig(name="links", eval_workers=1, source=LangSmithSource(project="slack-links"), actions=[
+            ActionConfig(when=When(evaluator="no_error", above=0.5), do="slack", credentials="links-bot",
+                         channel="#triage", api_url=slack.api_url, name="error-free-traces")])
+        triage(config=config, start=SAMPLE_START, end=SAMPLE_START + HOUR, out=str(tmp_path / "out"))
+        client = langsmith_client(None)
+        prefix = trace_url_prefix(client, source_project(client, "slack-links"))
+        (message,) = slack.messages("/api/chat.postMessage")
+
+    sections = [b["text"]["text"] for b in message["blocks"] if b["type"] == "section"]
+    examples = next(s for s in sections if s.startswith("*Example traces*")).splitlines()[1:]
+    assert examples and all(line.startswith("• <") for line in examples), examples
+    for line in examples:
+        url, short = re.fullmatch(r"• <([^|]+)\|`([0-9a-f]{8})`>", line).groups()
+        trace = url.removeprefix(prefix).partition("?")[0]
+        assert url == f"{prefix}{trace}?trace_id={trace}" and trace.startswith(short)

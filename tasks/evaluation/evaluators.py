@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 from langsmith.evaluation.evaluator import EvaluationResult, RunEvaluator
 from langsmith.schemas import Run
 
-from tasks.config import EvaluatorConfig
+from tasks.config import ConfigError, EvaluatorConfig
 from tasks.evaluation.builtins import BUILTINS
 from tasks.evaluation.calls import (
     DEFAULT_ASYNC_CONCURRENCY,
@@ -46,7 +46,7 @@ _REGISTRY: dict[str, Any] = {}
 _REGISTRY_LOCK = threading.Lock()
 
 
-class EvaluatorError(ValueError):
+class EvaluatorError(ConfigError):
     """An evaluator that cannot be used; raised before anything runs."""
 
 

@@ -25,6 +25,7 @@ from tasks.config import (
     LangSmithSource,
     LoopConfig,
     SnapshotConfig,
+    load_block,
 )
 from tasks.contracts import Action, Outcome, SendContext, Sink
 from tasks.dispatch.follow_ups import Calls, Invalid
@@ -44,7 +45,8 @@ def langsmith_client(credentials: str | None) -> Client:
     """A LangSmith client: a LangSmithCredentials block by name, else the LANGSMITH_* environment."""
     from blocks.langsmith import LangSmithCredentials
 
-    return (LangSmithCredentials.load(credentials) if credentials else LangSmithCredentials()).get_client()
+    block = load_block(LangSmithCredentials, credentials, "source.credentials") if credentials else None
+    return (block or LangSmithCredentials()).get_client()
 
 
 def open_store(snapshots: SnapshotConfig, default_url: str | Path) -> SnapshotStore:
@@ -52,7 +54,7 @@ def open_store(snapshots: SnapshotConfig, default_url: str | Path) -> SnapshotSt
     if snapshots.block:
         from blocks.storage import SnapshotStorage
 
-        return SnapshotStorage.load(snapshots.block).get_store()
+        return load_block(SnapshotStorage, snapshots.block, "snapshots.block").get_store()
     return SnapshotStore(snapshots.url or str(default_url), snapshots.storage_options)
 
 
@@ -61,7 +63,7 @@ def webhook_secret(rule: ActionConfig) -> str:
     if rule.secret_block:
         from prefect.blocks.system import Secret
 
-        return str(Secret.load(rule.secret_block).get())
+        return str(load_block(Secret, rule.secret_block, "secret_block").get())
     value = os.environ.get(rule.secret_env or "")
     if not value:
         raise ConfigError(f"webhook secret: environment variable {rule.secret_env} is not set")
@@ -73,13 +75,13 @@ def slack_target(rule: ActionConfig) -> SlackTarget:
     if rule.block:
         from prefect_slack import SlackWebhook
 
-        url = SlackWebhook.load(rule.block).url.get_secret_value()
+        url = load_block(SlackWebhook, rule.block, "block").url.get_secret_value()
         return webhook_target(url, f"SlackWebhook block {rule.block!r}")
     token = None
     if rule.credentials:
         from prefect_slack import SlackCredentials
 
-        token = SlackCredentials.load(rule.credentials).token.get_secret_value()
+        token = load_block(SlackCredentials, rule.credentials, "credentials").token.get_secret_value()
     elif os.environ.get(SLACK_WEBHOOK_ENV):
         return webhook_target(os.environ[SLACK_WEBHOOK_ENV], f"${SLACK_WEBHOOK_ENV}")
     elif os.environ.get(SLACK_TOKEN_ENV) and rule.channel:

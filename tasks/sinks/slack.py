@@ -36,7 +36,7 @@ from slack_sdk.models.blocks import (
     SectionBlock,
 )
 
-from tasks.config import ActionConfig, is_allowed_url
+from tasks.config import ActionConfig, ConfigError, is_allowed_url
 from tasks.contracts import MIN_LIFT, Action, Outcome, SendContext, error_text
 from tasks.sinks.webhook import idempotency_key
 
@@ -81,8 +81,8 @@ def redacting_logger(secret: str, shown: str = "***") -> logging.Logger:
 def webhook_target(url: str, origin: str) -> SlackTarget:
     """An incoming webhook as a target; the URL is the credential, so errors about it never show it."""
     if not is_allowed_url(url):
-        raise ValueError(f"the Slack webhook URL in {origin} must be https://hooks.slack.com/services/... (not "
-                         f"shown: it is a secret)")
+        raise ConfigError(f"the Slack webhook URL in {origin} must be https://hooks.slack.com/services/... (not "
+                          f"shown: it is a secret)")
     parts = urlsplit(url)
     return SlackTarget(webhook=WebhookClient(url, retry_handlers=retry_handlers(), logger=redacting_logger(
         url, f"{parts.scheme}://{parts.netloc}/services/***")))

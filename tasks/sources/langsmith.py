@@ -30,7 +30,7 @@ import orjson
 from langsmith import Client
 from langsmith import utils as ls_utils
 
-from tasks.config import LangSmithSource, parse_duration
+from tasks.config import ConfigError, LangSmithSource, parse_duration
 
 V2_SELECTS = ["ID", "NAME", "RUN_TYPE", "STATUS", "START_TIME", "END_TIME", "ERROR", "INPUTS", "OUTPUTS",
               "METADATA", "PARENT_RUN_IDS", "PROJECT_ID", "TRACE_ID", "DOTTED_ORDER", "IS_ROOT", "TOTAL_TOKENS",
@@ -43,7 +43,7 @@ RETRYABLE = (429, 500, 502, 503, 504)
 MIN_V2_VERSION = (0, 16, 0)
 
 
-class LangSmithSourceError(RuntimeError):
+class LangSmithSourceError(ConfigError):
     """A LangSmith source that cannot be read: unknown project, rejected key, unreachable endpoint."""
 
 

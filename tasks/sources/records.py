@@ -39,7 +39,7 @@ import pyarrow.compute as pc
 import pyarrow.json as pj
 import pyarrow.parquet as pq
 
-from tasks.config import MAX_WINDOW
+from tasks.config import MAX_WINDOW, ConfigError
 from tasks.schemas import SPANS
 
 RUN_TYPES = ["tool", "chain", "llm", "retriever", "embedding", "prompt", "parser"]
@@ -429,15 +429,23 @@ def parquet_as_jsonl(path: Path, out_path: Path) -> Path:
 RECORD_SUFFIXES = (".jsonl", ".json", ".ndjson", ".parquet")
 
 
+class RecordsFileError(ConfigError):
+    """A run-records file that cannot be a source: a directory, or not JSONL or Parquet."""
+
+
+class MissingRecordsFileError(RecordsFileError, FileNotFoundError):
+    """A run-records file that does not exist."""
+
+
 def check_records_file(path: str | Path) -> Path:
-    """A run-records file that can be read: raises FileNotFoundError or ValueError (naming the fix) otherwise."""
+    """A run-records file that can be read: raises a RecordsFileError (naming the fix) otherwise."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"run records file {path} does not exist; check source.path")
+        raise MissingRecordsFileError(f"run records file {path} does not exist; check source.path")
     if path.is_dir():
-        raise ValueError(f"run records file {path} is a directory; give one .jsonl or .parquet file")
+        raise RecordsFileError(f"run records file {path} is a directory; give one .jsonl or .parquet file")
     if path.suffix not in RECORD_SUFFIXES:
-        raise ValueError(f"run records file {path} must end in .jsonl or .parquet (export the runs as JSONL)")
+        raise RecordsFileError(f"run records file {path} must end in .jsonl or .parquet (export the runs as JSONL)")
     return path
 
 

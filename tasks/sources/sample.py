@@ -28,6 +28,8 @@ from typing import Any
 
 import orjson
 
+from tasks.config import ConfigError
+
 SAMPLE_START = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
 SAMPLE_NAMESPACE = uuid.UUID("6f1f3b8e-1c1d-4c55-9c3e-4b1d5a7f2e10")
 SAMPLE_PROJECT_ID = str(uuid.uuid5(SAMPLE_NAMESPACE, "project/sample-rag-agent"))
@@ -247,9 +249,9 @@ def generate_traces(
     rates = {**DEFAULT_RATES, **(rates or {})}
     unknown = set(rates) - set(DEFAULT_RATES)
     if unknown:
-        raise ValueError(f"unknown failure modes {sorted(unknown)}; known: {sorted(DEFAULT_RATES)}")
+        raise ConfigError(f"unknown failure modes {sorted(unknown)}; known: {sorted(DEFAULT_RATES)}")
     if sum(rates.values()) > 1:
-        raise ValueError(f"failure rates add up to {sum(rates.values()):.2f}; they must add up to at most 1")
+        raise ConfigError(f"failure rates add up to {sum(rates.values()):.2f}; they must add up to at most 1")
     rng = random.Random(seed)
     span_seconds = hours * 3600
     offsets = sorted(rng.uniform(0, span_seconds) for _ in range(traces))
