@@ -19,7 +19,7 @@ import importlib
 import inspect
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -309,11 +309,11 @@ _RUN_FIELDS_SET = frozenset(_RUN_DEFAULTS)
 _UNREAD_DEFAULTS = {name: value for name, value in _RUN_DEFAULTS.items() if name not in ("inputs", "outputs", "extra")}
 
 
-def run_object(values: dict[str, Any], fields: dict[str, Any]) -> Run:
+def run_object(values: Iterable[tuple[str, Any]] | dict[str, Any], fields: dict[str, Any]) -> Run:
     """A langsmith `Run` for evaluators that take `run`.
 
     `values` are the span's run fields as the `Run` holds them (ids as UUIDs, times as
-    datetimes), `fields` its parsed record (`RunRows.fields`). Built the way
+    datetimes), a dict or (name, value) pairs; `fields` its parsed record (`RunRows.fields`). Built the way
     `Run.model_construct` builds one, with the defaults resolved once instead of per
     run: the values come from our own validated table.
     """
@@ -325,7 +325,7 @@ def run_object(values: dict[str, Any], fields: dict[str, Any]) -> Run:
     return run
 
 
-def unread_run_object(values: dict[str, Any], read: Callable[[], dict[str, Any]]) -> Run:
+def unread_run_object(values: Iterable[tuple[str, Any]] | dict[str, Any], read: Callable[[], dict[str, Any]]) -> Run:
     """`run_object(values, read())`, with `read()` (the span's parsed record) called only when the run's inputs,
     outputs or metadata are first used: most of the spans in a root's `child_runs` are passed over unread."""
     state = dict(_UNREAD_DEFAULTS)
@@ -338,7 +338,7 @@ def unread_run_object(values: dict[str, Any], read: Callable[[], dict[str, Any]]
     return run
 
 
-def _state(values: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
+def _state(values: Iterable[tuple[str, Any]] | dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
     """A `Run`'s `__dict__`, its fields in the order of `Run`'s (the order of its dumps)."""
     state = dict(_RUN_DEFAULTS)
     state.update(values)

@@ -104,7 +104,7 @@ class RunRows:
         runs, fields, parsed = self._runs, self.fields, self._fields
         is_root = self.spans.column("is_root").to_numpy(zero_copy_only=False)
         for i, values in zip(wanted, zip(*columns, strict=True), strict=True):
-            run_fields = dict(zip(_RUN_FIELDS, values, strict=True))
+            run_fields = zip(_RUN_FIELDS, values, strict=True)
             if is_root[i] or i in parsed:
                 runs[i] = run_object(run_fields, fields(i))
             else:  # a span in a root's `child_runs`: most are passed over, their records never parsed
