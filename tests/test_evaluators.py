@@ -8,6 +8,8 @@ test state, by the 'python:<name>' ref that `register` returns.
 from __future__ import annotations
 
 import asyncio
+import copy
+import pickle
 import re
 import threading
 import time
@@ -19,6 +21,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 from langsmith.evaluation import EvaluationResult, run_evaluator
+from langsmith.schemas import Run
 
 from tasks.config import EvaluatorConfig, SpanTarget
 from tasks.evaluation.evaluators import (
@@ -168,6 +171,24 @@ def test_a_run_object_carries_the_span_as_langsmith_would(healthy):
     assert root.metadata == root_fields["metadata"] and "model" in root.metadata
     assert root.error is None and root.status == "success"
     assert root.model_dump()["dotted_order"] == healthy.column("dotted_order")[0].as_py()
+
+
+def test_a_child_run_is_parsed_when_first_read_even_after_its_batch_is_closed(healthy):
+    """The children in `run.child_runs` are read when first used (an attribute, a dump, a pickle, a copy): then
+    each is the same plain `Run` as one built from its parsed record."""
+    rows = RunRows(healthy)
+    children = list(rows.run(0).child_runs)
+    rows.records.close()  # as after a batch, or in dispatch once the roots are built
+    fresh, row_of = RunRows(healthy), {run_id: i for i, run_id in enumerate(healthy.column("id").to_pylist())}
+    first, second, *rest = children
+    assert first.outputs == fresh.fields(row_of[str(first.id)])["outputs"] and isinstance(first.inputs, dict)
+    assert copy.deepcopy(second).inputs == fresh.fields(row_of[str(second.id)])["inputs"]
+    assert all(type(pickle.loads(pickle.dumps(child))) is Run for child in rest)
+    for child in children:
+        i = row_of[str(child.id)]
+        fresh.fields(i)  # parsed first: `fresh.run(i)` is built whole
+        assert type(child) is Run
+        assert child.model_dump(exclude={"child_runs"}) == fresh.run(i).model_dump(exclude={"child_runs"})
 
 
 # --- concurrency ---------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import importlib
 import inspect
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -305,39 +305,83 @@ def error_result(key: str, message: str) -> list[Result]:
 _RUN_DEFAULTS: dict[str, Any] = Run.model_construct(
     id=uuid.UUID(int=0), name="", run_type="chain", start_time=None, trace_id=uuid.UUID(int=0)
 ).__dict__
+_RUN_FIELDS_SET = frozenset(_RUN_DEFAULTS)
+_UNREAD_DEFAULTS = {name: value for name, value in _RUN_DEFAULTS.items() if name not in ("inputs", "outputs", "extra")}
 
 
-def run_object(fields: dict[str, Any]) -> Run:
+def run_object(values: Iterable[tuple[str, Any]] | dict[str, Any], fields: dict[str, Any]) -> Run:
     """A langsmith `Run` for evaluators that take `run`.
 
-    Built the way `Run.model_construct` builds one, with the defaults resolved once
-    instead of per run: the values come from our own validated table.
+    `values` are the span's run fields as the `Run` holds them (ids as UUIDs, times as
+    datetimes), a dict or (name, value) pairs; `fields` its parsed record (`RunRows.fields`). Built the way
+    `Run.model_construct` builds one, with the defaults resolved once instead of per
+    run: the values come from our own validated table.
     """
-    values = dict(_RUN_DEFAULTS)
-    values.update(
-        id=uuid.UUID(fields["id"]),
-        name=fields["name"],
-        run_type=fields["run_type"],
-        start_time=fields["start_time"],
-        end_time=fields["end_time"],
-        inputs=fields["inputs"],
-        outputs=fields["outputs"],
-        error=fields["error"],
-        status=fields["status"],
-        trace_id=uuid.UUID(fields["trace_id"]),
-        dotted_order=fields["dotted_order"],
-        parent_run_id=uuid.UUID(fields["parent_run_id"]) if fields["parent_run_id"] else None,
-        session_id=uuid.UUID(fields["session_id"]) if fields["session_id"] else None,
-        extra={"metadata": fields["metadata"] or {}},
-        total_tokens=fields["total_tokens"],
-        app_path=fields["app_path"],
-    )
     run = Run.__new__(Run)
-    object.__setattr__(run, "__dict__", values)
-    object.__setattr__(run, "__pydantic_fields_set__", set(values))
+    object.__setattr__(run, "__dict__", _state(values, fields))
+    object.__setattr__(run, "__pydantic_fields_set__", set(_RUN_FIELDS_SET))
     object.__setattr__(run, "__pydantic_extra__", None)
     object.__setattr__(run, "__pydantic_private__", None)
     return run
+
+
+def unread_run_object(values: Iterable[tuple[str, Any]] | dict[str, Any], read: Callable[[], dict[str, Any]]) -> Run:
+    """`run_object(values, read())`, with `read()` (the span's parsed record) called only when the run's inputs,
+    outputs or metadata are first used: most of the spans in a root's `child_runs` are passed over unread."""
+    state = dict(_UNREAD_DEFAULTS)
+    state.update(values)
+    run = _UnreadRun.__new__(_UnreadRun)
+    object.__setattr__(run, "__dict__", state)
+    object.__setattr__(run, "__pydantic_fields_set__", set(_RUN_FIELDS_SET))
+    object.__setattr__(run, "__pydantic_extra__", None)
+    object.__setattr__(run, "__pydantic_private__", read)
+    return run
+
+
+def _state(values: Iterable[tuple[str, Any]] | dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
+    """A `Run`'s `__dict__`, its fields in the order of `Run`'s (the order of its dumps)."""
+    state = dict(_RUN_DEFAULTS)
+    state.update(values)
+    state["inputs"], state["outputs"] = fields["inputs"], fields["outputs"]
+    state["extra"] = {"metadata": fields["metadata"] or {}}
+    return state
+
+
+class _UnreadRun(Run):
+    """A `Run` of `unread_run_object` until its record is read; then, in place, the plain `Run` that `run_object`
+    builds. Anything that reads or copies the run (attributes it lacks, comparison, dumps, copies, pickles)
+    reads the record first."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(_read(self), name)
+
+
+def _read(run: Run) -> Run:
+    read = object.__getattribute__(run, "__pydantic_private__") if type(run) is _UnreadRun else None
+    if read is not None:  # None: a plain `Run`, or one another thread has just read
+        # The record goes in before the class changes and the reader goes last: a thread that sees a plain
+        # `Run`, or no reader, sees it whole. Nothing was set on the run since it was made (setting an
+        # attribute reads first), but its `child_runs` by `tasks.run_tree`, before anyone could see it.
+        object.__setattr__(run, "__dict__", _state(run.__dict__, read()))
+        object.__setattr__(run, "__class__", Run)
+        object.__setattr__(run, "__pydantic_private__", None)
+    return run
+
+
+def _reading_first(name: str) -> Callable[..., Any]:
+    method = getattr(Run, name)
+
+    def read(self: Run, *args: Any, **kwargs: Any) -> Any:
+        return method(_read(self), *(_read(a) if isinstance(a, _UnreadRun) else a for a in args), **kwargs)
+
+    read.__name__ = name
+    return read
+
+
+for _name in ("__eq__", "__iter__", "__repr__", "__str__", "__repr_args__", "__copy__", "__deepcopy__",
+              "__getstate__", "__reduce_ex__", "__setattr__", "__delattr__", "model_copy", "model_dump",
+              "model_dump_json", "dict", "json", "copy", "_iter", "_copy_and_set_values", "_calculate_keys"):
+    setattr(_UnreadRun, _name, _reading_first(_name))
 
 
 def policy(evaluator: BoundEvaluator, limiter: CallLimiter | None = None,

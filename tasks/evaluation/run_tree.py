@@ -6,7 +6,9 @@ and outputs parsed. Trees exist only where a `Run` object is built, that is for 
 that take `run`: evaluators of `(inputs, outputs)` never pay for them. And they are grown
 when first read: the first look at any root's `child_runs` builds the trees of all the
 roots built with it (one pass over the batch), so an evaluator that takes `run` but never
-reads `child_runs` pays nothing either.
+reads `child_runs` pays nothing either. A child's record (inputs, outputs, metadata) is parsed
+when that child's are first read (`tasks.evaluators.unread_run_object`): an evaluator that
+looks for one span by name parses only that span's.
 """
 
 from __future__ import annotations

@@ -13,11 +13,13 @@ import math
 import os
 import signal
 import threading
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import numpy as np
 import orjson
@@ -35,6 +37,7 @@ from tasks.evaluation.evaluators import (
     evaluate_columnar,
     evaluate_items,
     run_object,
+    unread_run_object,
 )
 from tasks.evaluation.judge_cache import CACHE_FILE, JudgeCache
 from tasks.evaluation.langsmith_scores import reference_example
@@ -44,6 +47,9 @@ from tasks.sources.records import RECORDS_KEY, RecordFile, run_metadata
 
 _RUN_FIELDS = ("id", "name", "run_type", "error", "status", "trace_id", "dotted_order", "parent_run_id",
                "session_id", "total_tokens", "app_path", "start_time", "end_time")
+_REQUIRED_UUIDS = {"id", "trace_id"}
+_OPTIONAL_UUIDS = {"parent_run_id", "session_id"}
+_EPOCH = datetime(1970, 1, 1, tzinfo=ZoneInfo("UTC"))  # the tzinfo Arrow gives a UTC timestamp
 
 
 class RunRows:
@@ -60,18 +66,25 @@ class RunRows:
         self.lengths = spans.column("record_length").to_numpy()
         self._fields: dict[int, dict[str, Any]] = {}
         self._runs: dict[int, Any] = {}
+        self._uuids: dict[str, uuid.UUID] = {}
 
     def fields(self, i: int) -> dict[str, Any]:
         cached = self._fields.get(i)
         if cached is None:
-            record = self.records.record(int(self.offsets[i]), int(self.lengths[i]))
-            cached = self._fields[i] = {
-                "inputs": record.get("inputs") or {},
-                "outputs": record.get("outputs"),
-                "metadata": run_metadata(record),
-                "example": reference_example(record),
-            }
+            cached = self._fields[i] = _record_fields(self.records.record(int(self.offsets[i]), int(self.lengths[i])))
         return cached
+
+    def _reader(self, i: int) -> Callable[[], dict[str, Any]]:
+        """`fields(i)` later, even once the records file is closed: it keeps the record's bytes."""
+        raw, cache = self.records.raw(int(self.offsets[i]), int(self.lengths[i])), self._fields
+
+        def read() -> dict[str, Any]:
+            cached = cache.get(i)
+            if cached is None:
+                cached = cache[i] = _record_fields(orjson.loads(raw))
+            return cached
+
+        return read
 
     def prepare_runs(self, indices: list[int]) -> None:
         """Convert the run fields of these rows in one go (cheaper than row by row)."""
@@ -79,10 +92,23 @@ class RunRows:
         if not wanted:
             return
         subset = self.spans.select(list(_RUN_FIELDS)).take(pa.array(wanted, pa.int64()))
-        columns = [subset.column(name).to_pylist() for name in _RUN_FIELDS]
-        for position, i in enumerate(wanted):
-            values = {name: column[position] for name, column in zip(_RUN_FIELDS, columns, strict=True)}
-            self._runs[i] = run_object({**values, **self.fields(i)})
+        columns = [_python_values(subset.column(name)) for name in _RUN_FIELDS]
+        known = self._uuids  # the spans of a trace share its id and point at each other's: each is parsed once
+        for position, name in enumerate(_RUN_FIELDS):
+            if name in _REQUIRED_UUIDS:
+                columns[position] = [known.get(value) or known.setdefault(value, uuid.UUID(value))
+                                     for value in columns[position]]
+            elif name in _OPTIONAL_UUIDS:
+                columns[position] = [(known.get(value) or known.setdefault(value, uuid.UUID(value))) if value else None
+                                     for value in columns[position]]
+        runs, fields, parsed = self._runs, self.fields, self._fields
+        is_root = self.spans.column("is_root").to_numpy(zero_copy_only=False)
+        for i, values in zip(wanted, zip(*columns, strict=True), strict=True):
+            run_fields = zip(_RUN_FIELDS, values, strict=True)
+            if is_root[i] or i in parsed:
+                runs[i] = run_object(run_fields, fields(i))
+            else:  # a span in a root's `child_runs`: most are passed over, their records never parsed
+                runs[i] = unread_run_object(run_fields, self._reader(i))
         link_child_runs(self, wanted)  # a root run comes with its trace's tree
 
     def run(self, i: int) -> Any:
@@ -163,6 +189,25 @@ class BatchRun:
             self.state.close()
 
 
+def _record_fields(record: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "inputs": record.get("inputs") or {},
+        "outputs": record.get("outputs"),
+        "metadata": run_metadata(record),
+        "example": reference_example(record),
+    }
+
+
+def _python_values(column: pa.ChunkedArray) -> list[Any]:
+    """`column.to_pylist()`; UTC microsecond timestamps computed from their integers, several times faster than
+    Arrow's conversion."""
+    kind = column.type
+    if not (pa.types.is_timestamp(kind) and kind.unit == "us" and kind.tz == "UTC"):
+        return column.to_pylist()
+    micros = column.cast(pa.int64()).to_pylist()
+    return [None if value is None else _EPOCH + timedelta(microseconds=value) for value in micros]
+
+
 def target_mask(spans: pa.Table, config: EvaluatorConfig) -> np.ndarray:
     """Which rows an evaluator scores: roots for root evaluators, matching non-root spans otherwise."""
     is_root = spans.column("is_root").to_numpy(zero_copy_only=False)
@@ -236,11 +281,11 @@ def _evaluator_results(
             results[position] = error_result(evaluator.key, batch.abandoned[evaluator.key])
         return results  # type: ignore[return-value]  # every slot filled
     wanted = [indices[position] for position in missing]
-    if evaluator.needs_run:
-        rows.prepare_runs(wanted)
     fields = rows.fields
-    items = ([(fields(i), rows.run(i)) for i in wanted] if evaluator.needs_run
-             else [(fields(i), None) for i in wanted])
+    items = [(fields(i), None) for i in wanted]
+    if evaluator.needs_run:
+        rows.prepare_runs(wanted)  # after the records are parsed: runs scored by themselves are read at once
+        items = [(run_fields, rows.run(i)) for (run_fields, _), i in zip(items, wanted, strict=True)]
     version = evaluator.version
 
     def keep(position: int, result: list[Result]) -> None:
