@@ -37,7 +37,7 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory):
     results = tmp_path_factory.mktemp("prefect-results")
     # No heartbeat thread: it makes every flow run wait ~1 s at its end, and tests do not crash-detect.
     with temporary_settings(updates={PREFECT_RESULTS_LOCAL_STORAGE_PATH: results, "flows.heartbeat_frequency": None}):
-        with prefect_test_harness(server_startup_timeout=180):
+        with prefect_test_harness(server_startup_timeout=180):  # a loaded machine took 107 s (-n 2: two at once)
             yield
 
 

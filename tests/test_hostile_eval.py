@@ -20,6 +20,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from prefect.settings import PREFECT_API_URL
 
 from tasks.analysis.verdicts import score_statuses
 from tasks.config import EvaluatorConfig, FileSource, LoopConfig
@@ -109,8 +110,10 @@ def _start_cli(tmp_path: Path, evaluator: dict, **settings) -> tuple[subprocess.
     process = subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "run", "--config", str(config), "--source", str(source), "--out", str(out)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # The session's Prefect API: the run starts no local server of its own (its start-up is not what these
+        # tests are about, and test_local_api covers it).
         env={**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_HOME": str(tmp_path / "prefect-home"),
-             "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"})  # a loaded CI machine is slow to start it
+             "PREFECT_API_URL": PREFECT_API_URL.value()})
     return process, out
 
 
@@ -143,7 +146,7 @@ def _gone(pid: int, seconds: float) -> bool:
 
 
 def _end_children(pid: int) -> list[int]:
-    """The descendants of `pid` (the Prefect API server among them), to end after the test."""
+    """The descendants of `pid` (its evaluation workers), to end after the test."""
     import psutil
 
     try:
@@ -163,7 +166,7 @@ def _kill(pids: list[int]) -> None:
 @contextlib.contextmanager
 def _run_with_a_hung_evaluator(tmp_path: Path) -> Iterator[tuple[subprocess.Popen, list[int]]]:
     """`tracetriage run` with two evaluation workers stuck in an evaluator; yields it and the workers' pids, and
-    ends what is left of it afterwards (its Prefect API server included)."""
+    ends what is left of it afterwards."""
     evaluator = {"key": "hung", "ref": "tests.test_hostile_eval:sleeps_an_hour", "timeout": 600}
     process, out = _start_cli(tmp_path, evaluator, eval_workers=2)
     children: list[int] = []
