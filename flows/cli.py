@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from flows import local_api
-from tasks.config import ConfigError, FileSource, LangSmithSource, SnapshotConfig, load_config
+from tasks.config import ConfigError, FileSource, LangSmithSource, LoopConfig, SnapshotConfig, load_config
 from tasks.langsmith import LangSmithFetchError, LangSmithSourceError
 
 
@@ -125,6 +125,9 @@ def run_command(args: argparse.Namespace) -> int:
         elif args.source:
             config = config.model_copy(update={"source": FileSource(path=args.source)})
         server = _local_server()  # starts while the flow modules import and the config is checked
+        if server:
+            os.environ["PREFECT_API_URL"] = server.api_url  # for any process this run starts: the workers, next
+        _start_evaluation_workers(config)  # they import on the other core while the flow modules import here
         from flows.triage import triage, validate
 
         validate(config)
@@ -188,6 +191,15 @@ def _local_server() -> local_api.LocalServer | None:
         print(f"starting the local Prefect API at {server.url}{first}; allowing up to "
               f"{local_api.startup_allowance():.0f} s", file=sys.stderr)
     return server
+
+
+def _start_evaluation_workers(config: LoopConfig) -> None:
+    """The evaluation worker processes, started now rather than when the flow starts (which starts them too, and
+    then finds them started): their forkserver's imports took 1.5 s that the first window's batch waited for."""
+    if not config.runner.dask_address:
+        from tasks.evaluate import evaluation_workers, start_evaluation_workers
+
+        start_evaluation_workers(evaluation_workers(config.eval_workers))
 
 
 def _prefect_api(server: local_api.LocalServer | None) -> contextlib.AbstractContextManager:
