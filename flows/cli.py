@@ -179,6 +179,11 @@ def run_command(args: argparse.Namespace) -> int:
         if args.source:
             config = _with_source(config, args.source)
         server = _local_server()  # starts while the flow modules import and the config is checked
+        if server:
+            os.environ["PREFECT_API_URL"] = server.api_url  # for any process this run starts: the workers, next
+        from tasks.evaluation.evaluate import prepare_evaluation
+
+        prepare_evaluation(config)  # the workers import on the other core while the flow modules import here
         from flows.triage import triage
         from tasks.sinks.connections import validate
 

@@ -6,15 +6,12 @@ The scoring itself is `tasks/evaluation/scoring.py`, which the worker processes 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import multiprocessing
 import os
 import re
-import select
 import signal
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -33,51 +30,15 @@ from tasks.config import EvaluatorConfig, LoopConfig
 from tasks.contracts import ScoredWindow, WindowSpans
 from tasks.evaluation.batch_state import BatchState, read_state, state_path
 from tasks.evaluation.calls import STOPPING, EvaluationStopped
-from tasks.evaluation.scoring import EvaluationSettings, bind_all, evaluate_batch_file, metadata_path
+from tasks.evaluation.scoring import EvaluationSettings, bind_all, die_with_parent, evaluate_batch_file, metadata_path
 from tasks.progress import track_batches
 
 _POOL: ProcessPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
-_PR_SET_PDEATHSIG = 1
 
 
 class EvaluationWorkerDied(RuntimeError):
     """Evaluation worker processes kept dying on a batch, before any evaluator could be blamed."""
-
-
-def _die_with_parent(flow_pid: int) -> None:
-    """Worker initializer: this worker ends when the flow's process does, even by `kill -9`.
-
-    The worker's parent is the forkserver, which stays up while any worker holds its "alive" pipe, so waiting
-    for the forkserver would wait forever: a daemon thread waits on a pidfd of the flow's process instead, and
-    PR_SET_PDEATHSIG covers the forkserver's own death.
-    """
-    with contextlib.suppress(OSError, AttributeError):  # prctl is Linux's
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    try:
-        flow = os.pidfd_open(flow_pid)
-    except ProcessLookupError:  # the flow died before this worker started
-        os._exit(1)
-    except (OSError, AttributeError):  # no pidfd (old kernel, not Linux): poll the pid instead
-        flow = None
-
-    def watch() -> None:
-        if flow is not None:
-            select.select([flow], [], [])
-        else:
-            while _alive(flow_pid):
-                time.sleep(0.5)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    threading.Thread(target=watch, name="flow-watchdog", daemon=True).start()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def _stop_evaluations() -> None:
@@ -178,10 +139,18 @@ def evaluation_pool(workers: int) -> ProcessPoolExecutor | None:
             context = multiprocessing.get_context("forkserver")
             # The server imports the main module and the scoring code once; workers fork from it
             # and so skip their own import of `__main__` (multiprocessing sees it is there).
-            context.set_forkserver_preload(["__main__", "tasks.evaluation.scoring"])
-            _POOL = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_die_with_parent,
+            context.set_forkserver_preload(["__main__", *_main_module_name(), "tasks.evaluation.scoring"])
+            # The initializer lives in tasks.evaluation.scoring: one from this module made every worker import Prefect.
+            _POOL = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=die_with_parent,
                                         initargs=(os.getpid(),))
         return _POOL
+
+
+def _main_module_name() -> list[str]:
+    """`python -m flows.cli`'s module, which the forkserver's "__main__" preload skips (it preloads a main script
+    by path only): each worker then ran the module again, with its imports, instead of finding them imported."""
+    name = getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", None)
+    return [name] if name and not name.endswith("__main__") else []
 
 
 def start_evaluation_workers(workers: int) -> None:

@@ -7,12 +7,15 @@ as the evaluate stage (process pool and Prefect task).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import hashlib
 import math
 import os
+import select
 import signal
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -377,6 +380,44 @@ def _collector_paused() -> Iterator[None]:
     finally:
         if was_enabled:
             gc.enable()
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(flow_pid: int) -> None:
+    """Worker initializer: this worker ends when the flow's process does, even by `kill -9`.
+
+    The worker's parent is the forkserver, which stays up while any worker holds its "alive" pipe, so waiting
+    for the forkserver would wait forever: a daemon thread waits on a pidfd of the flow's process instead, and
+    PR_SET_PDEATHSIG covers the forkserver's own death.
+    """
+    with contextlib.suppress(OSError, AttributeError):  # prctl is Linux's
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    try:
+        flow = os.pidfd_open(flow_pid)
+    except ProcessLookupError:  # the flow died before this worker started
+        os._exit(1)
+    except (OSError, AttributeError):  # no pidfd (old kernel, not Linux): poll the pid instead
+        flow = None
+
+    def watch() -> None:
+        if flow is not None:
+            select.select([flow], [], [])
+        else:
+            while _alive(flow_pid):
+                time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="flow-watchdog", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def bind_all(configs: list[EvaluatorConfig]) -> list[BoundEvaluator]:
