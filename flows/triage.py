@@ -17,7 +17,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from prefect.utilities.urls import url_for
 
 from tasks.aggregate import aggregate_task
-from tasks.attribute import SPAN_COLUMNS, attribute_task
+from tasks.attribute import attribute_task, read_spans
 from tasks.cache import stable_hash, work_epoch
 from tasks.config import FileSource, LangSmithSource, LoopConfig, RunnerConfig, source_identity
 from tasks.dispatch import Sinks, dispatch_task, unfinished_windows
@@ -124,7 +124,7 @@ def triage_window(config: LoopConfig, window: WindowSpans, source_token: str, ou
             unmapped(1 if config.runner.dask_address else evaluation_workers(config.eval_workers)),
             unmapped(EvaluationSettings(str(out_dir / "work"), config.max_worker_memory_bytes)),
         )
-        spans = pq.read_table(window.path, columns=SPAN_COLUMNS + ["latency_s"]).to_pandas()  # while workers score
+        spans = read_spans(window.path)  # while workers score
         score_files = [f.result() for f in track_batches(futures, window_start, score_paths)]
     raw_scores = pa.concat_tables([pq.read_table(path) for path in score_files])
     root_metadata = pa.concat_tables([pq.read_table(metadata_path(path)) for path in score_files]).to_pandas()

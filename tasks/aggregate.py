@@ -19,6 +19,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.config import EvaluatorConfig
+from tasks.memory import release_memory
 from tasks.schemas import SCHEMA_VERSION
 
 EXAMPLES = 5
@@ -177,7 +178,7 @@ def aggregate_task(
     spans: pd.DataFrame, scores: pd.DataFrame, verdicts: pd.DataFrame, attribution: pd.DataFrame,
     configs: list[EvaluatorConfig], window_start: datetime, root_metadata: pd.DataFrame,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    return (
-        failure_patterns(spans, scores, verdicts, configs, window_start, root_metadata),
-        root_cause_shares(attribution, verdicts, window_start),
-    )
+    shares = (failure_patterns(spans, scores, verdicts, configs, window_start, root_metadata),
+              root_cause_shares(attribution, verdicts, window_start))
+    release_memory()
+    return shares

@@ -15,9 +15,11 @@ from datetime import datetime
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.memory import release_memory
 from tasks.schemas import SCHEMA_VERSION
 
 ERROR = "error"
@@ -25,6 +27,17 @@ BELOW_THRESHOLD = "below_threshold"
 NO_UPSTREAM_CAUSE = "no_upstream_cause"
 
 SPAN_COLUMNS = ["id", "trace_id", "name", "run_type", "status", "dotted_order", "is_root", "start_time"]
+
+
+def read_spans(window_path: str) -> pd.DataFrame:
+    """The columns of a window's spans that attribute and aggregate read (SPAN_COLUMNS and latency_s).
+
+    Read without pre-buffering (which held every column chunk's bytes while decoding them), and the read's
+    buffers handed back to the OS before the frame is used: the frame is ~140 MB at 100,000 traces, the read
+    had left ~380 MB resident for the rest of the window."""
+    spans = pq.ParquetFile(window_path).read(columns=SPAN_COLUMNS + ["latency_s"]).to_pandas()
+    release_memory()
+    return spans
 
 
 def _candidates(spans: pd.DataFrame, scores: pd.DataFrame, failing: pd.Index) -> pd.DataFrame:
@@ -91,4 +104,6 @@ def span_attribution(
 def attribute_task(
     spans: pd.DataFrame, scores: pd.DataFrame, verdicts: pd.DataFrame, window_start: datetime
 ) -> pd.DataFrame:
-    return span_attribution(spans, scores, verdicts, window_start)
+    attribution = span_attribution(spans, scores, verdicts, window_start)
+    release_memory()
+    return attribution

@@ -16,6 +16,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.config import EvaluatorConfig
+from tasks.memory import release_memory
 from tasks.schemas import EVALUATORS, SCHEMA_VERSION, SCORES
 
 NO_SCORE = "returned no score; give a numeric score, or set pass_values for categorical values"
@@ -92,4 +93,6 @@ def partition_task(
     scores: pa.Table, traces: pa.Array, configs: list[EvaluatorConfig]
 ) -> tuple[pa.Table, pd.DataFrame]:
     judged = score_statuses(scores, configs)
-    return judged, trace_verdicts(judged, traces)
+    verdicts = trace_verdicts(judged, traces)
+    release_memory()  # score_statuses' temporaries (a column per evaluator and step)
+    return judged, verdicts

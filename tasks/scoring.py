@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.batch_state import StateWriter, state_path
+from tasks.builtin_evaluators import forget_words
 from tasks.config import EvaluatorConfig
 from tasks.evaluator_calls import CallCounters, CallLimiter
 from tasks.evaluators import (
@@ -38,6 +39,7 @@ from tasks.evaluators import (
 )
 from tasks.judge_cache import CACHE_FILE, JudgeCache
 from tasks.langsmith_scores import reference_example
+from tasks.memory import release_memory
 from tasks.records import RECORDS_KEY, RecordFile, run_metadata
 from tasks.run_tree import link_child_runs
 from tasks.schemas import ROOT_METADATA, SCHEMA_VERSION, SCORES
@@ -84,6 +86,12 @@ class RunRows:
             values = {name: column[position] for name, column in zip(_RUN_FIELDS, columns, strict=True)}
             self._runs[i] = run_object({**values, **self.fields(i)})
         link_child_runs(self, wanted)  # a root run comes with its trace's tree
+
+    def forget(self, indices: list[int]) -> None:
+        """Drop the parsed records (and runs) of rows that no evaluator still to run will read."""
+        for i in indices:
+            self._fields.pop(i, None)
+            self._runs.pop(i, None)
 
     def run(self, i: int) -> Any:
         if i not in self._runs:
@@ -261,10 +269,15 @@ def _span_scores(
     row_index: list[int] = []
     evaluator_keys: list[str] = []
     flat: list[Result] = []
+    masks = [target_mask(spans, evaluator.config) for evaluator in evaluators]
+    is_root = spans.column("is_root").to_numpy(zero_copy_only=False)
     for position, evaluator in enumerate(evaluators):
         batch.starting(position)
-        indices = np.flatnonzero(target_mask(spans, evaluator.config)).tolist()
+        indices = np.flatnonzero(masks[position]).tolist()
         results = _evaluator_results(spans, rows, evaluator, indices, batch)
+        # A span evaluator's rows are parsed for it alone: dropped once it is done (roots stay for their metadata).
+        still_read = np.logical_or.reduce([is_root, *masks[position + 1:]])
+        rows.forget(np.flatnonzero(masks[position] & ~still_read).tolist())
         if all(len(row_results) == 1 for row_results in results):  # the usual case: one result per span
             row_index.extend(indices)
             flat.extend([row_results[0] for row_results in results])
@@ -355,9 +368,12 @@ def evaluate_batch_file(
                                         window_start, run)
     finally:
         run.close()
+        forget_words()
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     for table, path in ((metadata, metadata_path(out_path)), (scores, out_path)):  # scores last: it marks done
         tmp = f"{path}.{os.getpid()}.tmp"
         pq.write_table(table, tmp)
         os.replace(tmp, path)
+    del scores, metadata
+    release_memory()  # a worker waits for its next batch (or the window's end) with no more than its imports
     return out_path
