@@ -3,6 +3,7 @@
     .venv/bin/python bench/pipeline.py                # 100,000 traces
     .venv/bin/python bench/pipeline.py --traces 20000
     .venv/bin/python bench/pipeline.py --traces 20000 --only-run-evaluator   # the cost of `run.child_runs`
+    .venv/bin/python bench/pipeline.py --only-flow --flow-runs 1   # the whole window through the flow alone
 
 Prints traces/s for each stage (run as plain functions, evaluation in the process pool
 as the flow runs it), the whole window end to end through the Prefect flow (with the
@@ -203,6 +204,9 @@ def main() -> None:
     parser.add_argument("--flow-runs", type=int, default=3, help="flow runs to time (the median is reported)")
     parser.add_argument("--only-run-evaluator", action="store_true",
                         help="only the run-taking evaluator's figures (with and without child_runs)")
+    parser.add_argument("--only-flow", action="store_true",
+                        help="only the whole window through the Prefect flow (its peak RSS is the issue's figure)")
+    parser.add_argument("--timeline", type=Path, help="write the RSS of each process, every 50 ms, to this file")
     args = parser.parse_args()
 
     from tasks.sources.sample import generate_traces, write_sample
@@ -213,9 +217,11 @@ def main() -> None:
         write_sample(source, generate_traces(args.traces, seed=1, hours=1))
         print(f"generated {args.traces:,} traces in {time.perf_counter() - start:.0f} s (not counted)")
     print(f"source: {source} ({source.stat().st_size / 1e6:,.0f} MB), {os.cpu_count()} cores\n")
-    with tempfile.TemporaryDirectory() as tmp, PeakRSS() as memory:
+    with tempfile.TemporaryDirectory() as tmp, PeakRSS(timeline=args.timeline is not None) as memory:
         work = Path(tmp)
-        if args.only_run_evaluator:
+        if args.only_flow:
+            end_to_end(source, work / "flow", args.traces, args.flow_runs)
+        elif args.only_run_evaluator:
             from tasks.sources.windows import fetch_windows
 
             fetch_windows(str(source), timedelta(hours=1), 2000, str(work / "stages"))
@@ -223,9 +229,15 @@ def main() -> None:
             stages(source, work / "stages", args.traces)
             end_to_end(source, work / "flow", args.traces, args.flow_runs)
             user_evaluator(source, work / "stages", args.traces)
-        run_evaluator(source, work / "stages", args.traces, args.flow_runs)
-    print(f"\npeak RSS, this process and its evaluation workers (not the Prefect API server): "
-          f"{memory.peak / 2**30:.2f} GiB")
+        if not args.only_flow:
+            run_evaluator(source, work / "stages", args.traces, args.flow_runs)
+    print(f"\npeak RSS, this process and its evaluation workers (not the Prefect API server): {memory.breakdown()}")
+    print(f"CPU time of the tree (sampled every 50 ms): {memory.cpu_text()}")
+    if args.timeline:
+        with open(args.timeline, "w") as out:
+            for seconds, rss in memory.samples or []:
+                out.write(f"{seconds:.2f} " + " ".join(f"{r.replace(' ', ':')}={v >> 20}" for r, v in rss.items())
+                          + "\n")
 
 
 if __name__ == "__main__":

@@ -15,10 +15,12 @@ from datetime import datetime
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.contracts import ScoredWindow, Verdicts
+from tasks.memory import release_memory
 from tasks.schemas import SCHEMA_VERSION
 
 ERROR = "error"
@@ -27,6 +29,17 @@ NO_UPSTREAM_CAUSE = "no_upstream_cause"
 REASONS = {BELOW_THRESHOLD: "low score", ERROR: "error", NO_UPSTREAM_CAUSE: "no upstream cause"}  # as people read them
 
 SPAN_COLUMNS = ["id", "trace_id", "name", "run_type", "status", "dotted_order", "is_root", "start_time"]
+
+
+def read_spans(window_path: str) -> pd.DataFrame:
+    """The columns of a window's spans that attribute and aggregate read (SPAN_COLUMNS and latency_s).
+
+    Read without pre-buffering (which held every column chunk's bytes while decoding them), and the read's
+    buffers handed back to the OS before the frame is used: the frame is ~140 MB at 100,000 traces, the read
+    had left ~380 MB resident for the rest of the window."""
+    spans = pq.ParquetFile(window_path).read(columns=SPAN_COLUMNS + ["latency_s"]).to_pandas()
+    release_memory()
+    return spans
 
 
 def _candidates(spans: pd.DataFrame, scores: pd.DataFrame, failing: pd.Index) -> pd.DataFrame:
@@ -92,4 +105,6 @@ def span_attribution(
 @task(name="attribute", cache_policy=NO_CACHE)
 def attribute_task(*, scored: ScoredWindow, verdicts: Verdicts) -> pd.DataFrame:
     """ATTRIBUTION: for each failing trace, the candidate spans and the culprit."""
-    return span_attribution(scored.spans, verdicts.scores, verdicts.traces, scored.window_start)
+    attribution = span_attribution(scored.spans, verdicts.scores, verdicts.traces, scored.window_start)
+    release_memory()
+    return attribution

@@ -20,6 +20,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.config import EvaluatorConfig
 from tasks.contracts import FailureModes, ScoredWindow, Verdicts
+from tasks.memory import release_memory
 from tasks.schemas import SCHEMA_VERSION
 
 EXAMPLES = 5
@@ -177,7 +178,9 @@ def root_cause_shares(attribution: pd.DataFrame, verdicts: pd.DataFrame, window_
 def aggregate_task(*, scored: ScoredWindow, verdicts: Verdicts, attribution: pd.DataFrame,
                    configs: list[EvaluatorConfig]) -> FailureModes:
     """The failure modes: patterns among the failures, and the culprit spans' shares."""
-    return FailureModes(
+    modes = FailureModes(
         patterns=failure_patterns(scored.spans, verdicts.scores, verdicts.traces, configs, scored.window_start,
                                   scored.root_metadata),
         root_causes=root_cause_shares(attribution, verdicts.traces, scored.window_start))
+    release_memory()
+    return modes

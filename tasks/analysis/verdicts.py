@@ -17,6 +17,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.config import EvaluatorConfig
 from tasks.contracts import ScoredWindow, Verdicts
+from tasks.memory import release_memory
 from tasks.schemas import EVALUATORS, SCHEMA_VERSION, SCORES
 
 NO_SCORE = "returned no score; give a numeric score, or set pass_values for categorical values"
@@ -94,6 +95,8 @@ def partition_task(*, scored: ScoredWindow, configs: list[EvaluatorConfig], rule
     scores of the evaluators that rules name)."""
     judged = score_statuses(scored.scores, configs)
     counts = status_counts(judged)
-    return Verdicts(judged=judged, traces=trace_verdicts(judged, scored.root_trace_ids()),
-                    scores=scores_for_analysis(judged, rule_evaluators), counts=counts,
-                    evaluators=evaluators_table(counts, configs, scored.window_start))
+    verdicts = Verdicts(judged=judged, traces=trace_verdicts(judged, scored.root_trace_ids()),
+                        scores=scores_for_analysis(judged, rule_evaluators), counts=counts,
+                        evaluators=evaluators_table(counts, configs, scored.window_start))
+    release_memory()  # score_statuses' temporaries (a column per evaluator and step)
+    return verdicts

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from prefect import task, unmapped
 from prefect.tasks import exponential_backoff
 
-from tasks.analysis.attribution import SPAN_COLUMNS
+from tasks.analysis.attribution import read_spans
 from tasks.cache import stable_hash, stage_cache_key
 from tasks.config import EvaluatorConfig, LoopConfig
 from tasks.contracts import ScoredWindow, WindowSpans
@@ -302,7 +302,7 @@ def evaluate_window(*, config: LoopConfig, window: WindowSpans, source_token: st
         futures = evaluate_task.map(unmapped(window.path), batches, unmapped(config.evaluators),
                                     unmapped(window_start), score_paths, unmapped(eval_token), unmapped(workers),
                                     unmapped(settings))
-        spans = pq.read_table(window.path, columns=SPAN_COLUMNS + ["latency_s"]).to_pandas()  # while workers score
+        spans = read_spans(window.path)  # while workers score
         score_files = [f.result() for f in track_batches(futures, window_start, score_paths)]
     return ScoredWindow(
         window=window, window_end=window_end, spans=spans,

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from tasks.config import EvaluatorConfig
 from tasks.evaluation.batch_state import StateWriter, state_path
+from tasks.evaluation.builtins import forget_words
 from tasks.evaluation.calls import CallCounters, CallLimiter
 from tasks.evaluation.evaluators import (
     BoundEvaluator,
@@ -45,6 +46,7 @@ from tasks.evaluation.evaluators import (
 from tasks.evaluation.judge_cache import CACHE_FILE, JudgeCache
 from tasks.evaluation.langsmith_scores import reference_example
 from tasks.evaluation.run_tree import link_child_runs
+from tasks.memory import release_memory
 from tasks.schemas import ROOT_METADATA, SCHEMA_VERSION, SCORES
 from tasks.sources.records import RECORDS_KEY, RecordFile, run_metadata
 
@@ -113,6 +115,12 @@ class RunRows:
             else:  # a span in a root's `child_runs`: most are passed over, their records never parsed
                 runs[i] = unread_run_object(run_fields, self._reader(i))
         link_child_runs(self, wanted)  # a root run comes with its trace's tree
+
+    def forget(self, indices: list[int]) -> None:
+        """Drop the parsed records (and runs) of rows that no evaluator still to run will read."""
+        for i in indices:
+            self._fields.pop(i, None)
+            self._runs.pop(i, None)
 
     def run(self, i: int) -> Any:
         if i not in self._runs:
@@ -309,10 +317,15 @@ def _span_scores(
     row_index: list[int] = []
     evaluator_keys: list[str] = []
     flat: list[Result] = []
+    masks = [target_mask(spans, evaluator.config) for evaluator in evaluators]
+    is_root = spans.column("is_root").to_numpy(zero_copy_only=False)
     for position, evaluator in enumerate(evaluators):
         batch.starting(position)
-        indices = np.flatnonzero(target_mask(spans, evaluator.config)).tolist()
+        indices = np.flatnonzero(masks[position]).tolist()
         results = _evaluator_results(spans, rows, evaluator, indices, batch)
+        # A span evaluator's rows are parsed for it alone: dropped once it is done (roots stay for their metadata).
+        still_read = np.logical_or.reduce([is_root, *masks[position + 1:]])
+        rows.forget(np.flatnonzero(masks[position] & ~still_read).tolist())
         if all(len(row_results) == 1 for row_results in results):  # the usual case: one result per span
             row_index.extend(indices)
             flat.extend([row_results[0] for row_results in results])
@@ -441,9 +454,12 @@ def evaluate_batch_file(
                                         window_start, run)
     finally:
         run.close()
+        forget_words()
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     for table, path in ((metadata, metadata_path(out_path)), (scores, out_path)):  # scores last: it marks done
         tmp = f"{path}.{os.getpid()}.tmp"
         pq.write_table(table, tmp)
         os.replace(tmp, path)
+    del scores, metadata
+    release_memory()  # a worker waits for its next batch (or the window's end) with no more than its imports
     return out_path

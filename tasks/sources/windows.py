@@ -27,6 +27,7 @@ from prefect.tasks import exponential_backoff
 from tasks.cache import stable_hash, stage_cache_key, work_epoch, write_manifest
 from tasks.config import FileSource, LangSmithSource, LoopConfig, SampleSource
 from tasks.contracts import SourceSpans, SourceWindows, WindowSpans
+from tasks.memory import release_memory
 from tasks.progress import report
 from tasks.sinks.connections import langsmith_client
 from tasks.sources.langsmith import FetchStats, LangSmithSourceError, fetch_runs, meta_path, source_range
@@ -130,6 +131,8 @@ def fetch_windows(source_file: str, size: timedelta, batch_size: int, out_dir: s
         windows.append(window)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     write_manifest(Path(out_dir), [Path(w.path) for w in windows] + [Path(records)])
+    del spans, order, starts, codes
+    release_memory()  # the source's table and its parse: ~400 MB at 100,000 traces, held for the flow's rest
     return SourceSpans(windows, skipped.as_dict())
 
 
