@@ -29,6 +29,7 @@ from pathlib import Path
 
 STARTUP_ALLOWANCE = 300.0  # seconds; a fresh home on a busy 2-core machine took 38 s, so be generous
 STOP_ALLOWANCE = 15.0
+KILL_ALLOWANCE = 5.0  # for a SIGKILLed process to be gone
 
 
 class LocalServerError(RuntimeError):
@@ -176,7 +177,18 @@ def stop() -> LocalServer | None:
             time.sleep(0.1)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(server.pid, signal.SIGKILL)  # whatever of its session is left
+        deadline = time.monotonic() + KILL_ALLOWANCE
+        while _running(server.pid) and time.monotonic() < deadline:  # a kill is delivered, not done, on return
+            time.sleep(0.05)
         return server
+
+
+def _running(pid: int) -> bool:
+    """The process exists and has not exited (a zombie, waiting to be reaped, has)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def configured_api_url() -> str | None:
