@@ -35,6 +35,9 @@ class _Forest:
             if not self._grown:
                 self._grown = True
                 self._link()
+                # Each root's `ChildRuns` refers to this forest: without these, the trees are a cycle that only
+                # the collector frees (it walked every run of the batch to do it).
+                self.children, self.rows = {}, None
 
     def _link(self) -> None:
         rows, spans, roots = self.rows, self.rows.spans, self.roots
