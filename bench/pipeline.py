@@ -165,12 +165,20 @@ def run_evaluator(source: Path, work: Path, traces: int, runs: int) -> None:
     import statistics
 
     import pyarrow.parquet as pq
+    from prefect import flow
 
     import tasks.evaluation.scoring
     from flows.triage import triage
     from tasks.config import EvaluatorConfig, FileSource, LoopConfig, default_evaluators
     from tasks.evaluation.scoring import bind_all, span_scores
 
+    @flow
+    def warm_up() -> None:
+        return None
+
+    start = time.perf_counter()
+    warm_up()  # the first flow run starts Prefect's temporary API server: not to be counted in the first figure
+    print(f"Prefect API start (once per process, not counted): {time.perf_counter() - start:.1f} s")
     batch = pq.ParquetFile(next(work.glob("window-*.parquet"))).read_row_group(0)
     roots = batch.filter(batch.column("is_root")).num_rows
     linked = tasks.evaluation.scoring.link_child_runs

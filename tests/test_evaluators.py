@@ -191,6 +191,20 @@ def test_a_child_run_is_parsed_when_first_read_even_after_its_batch_is_closed(he
         assert child.model_dump(exclude={"child_runs"}) == fresh.run(i).model_dump(exclude={"child_runs"})
 
 
+
+def test_a_root_run_dumps_its_children_whole_as_plain_runs_would(healthy):
+    """A parent's dump reads each child's fields itself (not through the child's `model_dump`): an unread child
+    in it is read first, so the dump holds the same child as one built from its parsed record."""
+    rows = RunRows(healthy)
+    root = rows.run(0)
+    assert len(root.child_runs) > 0  # grown, the children still unread
+    fresh, row_of = RunRows(healthy), {run_id: i for i, run_id in enumerate(healthy.column("id").to_pylist())}
+    for child in root.child_runs:
+        fresh.fields(row_of[str(child.id)])
+    expected = [fresh.run(row_of[str(child.id)]).model_dump(exclude={"child_runs"}) for child in root.child_runs]
+    dumped = root.model_dump()["child_runs"]
+    assert [{k: v for k, v in child.items() if k != "child_runs"} for child in dumped] == expected
+
 # --- concurrency ---------------------------------------------------------------------------------
 
 class InFlight:

@@ -306,7 +306,6 @@ _RUN_DEFAULTS: dict[str, Any] = Run.model_construct(
     id=uuid.UUID(int=0), name="", run_type="chain", start_time=None, trace_id=uuid.UUID(int=0)
 ).__dict__
 _RUN_FIELDS_SET = frozenset(_RUN_DEFAULTS)
-_UNREAD_DEFAULTS = {name: value for name, value in _RUN_DEFAULTS.items() if name not in ("inputs", "outputs", "extra")}
 
 
 def run_object(values: Iterable[tuple[str, Any]] | dict[str, Any], fields: dict[str, Any]) -> Run:
@@ -325,16 +324,16 @@ def run_object(values: Iterable[tuple[str, Any]] | dict[str, Any], fields: dict[
     return run
 
 
-def unread_run_object(values: Iterable[tuple[str, Any]] | dict[str, Any], read: Callable[[], dict[str, Any]]) -> Run:
+def unread_run_object(values: Iterable[tuple[str, Any]] | dict[str, Any], read: Callable[[], dict[str, Any]],
+                      run_id: str | None = None) -> Run:
     """`run_object(values, read())`, with `read()` (the span's parsed record) called only when the run's inputs,
-    outputs or metadata are first used: most of the spans in a root's `child_runs` are passed over unread."""
-    state = dict(_UNREAD_DEFAULTS)
-    state.update(values)
+    outputs or metadata are first used: most of the spans in a root's `child_runs` are passed over unread.
+
+    Until then the run holds only `values` (its table fields): its other fields, its fields-set and its extra are
+    made when it is read. `run_id` (the id as text, when `values` lacks it) becomes its UUID when first used."""
     run = _UnreadRun.__new__(_UnreadRun)
-    object.__setattr__(run, "__dict__", state)
-    object.__setattr__(run, "__pydantic_fields_set__", set(_RUN_FIELDS_SET))
-    object.__setattr__(run, "__pydantic_extra__", None)
-    object.__setattr__(run, "__pydantic_private__", read)
+    object.__setattr__(run, "__dict__", dict(values))
+    object.__setattr__(run, "__pydantic_private__", (read, run_id))
     return run
 
 
@@ -349,20 +348,38 @@ def _state(values: Iterable[tuple[str, Any]] | dict[str, Any], fields: dict[str,
 
 class _UnreadRun(Run):
     """A `Run` of `unread_run_object` until its record is read; then, in place, the plain `Run` that `run_object`
-    builds. Anything that reads or copies the run (attributes it lacks, comparison, dumps, copies, pickles)
-    reads the record first."""
+    builds. Anything that reads or copies the run (attributes it lacks, its `__dict__` as a parent's dump reads
+    it, comparison, dumps, copies, pickles) reads the record first."""
+
+    def __getattribute__(self, name: str) -> Any:
+        if name == "__dict__":
+            _read(self)
+        return object.__getattribute__(self, name)
 
     def __getattr__(self, name: str) -> Any:
+        if name == "id":
+            state, (_, run_id) = object.__getattribute__(self, "__dict__"), object.__getattribute__(
+                self, "__pydantic_private__")
+            if run_id is not None and "id" not in state:
+                value = state["id"] = uuid.UUID(run_id)
+                return value
         return getattr(_read(self), name)
 
 
 def _read(run: Run) -> Run:
-    read = object.__getattribute__(run, "__pydantic_private__") if type(run) is _UnreadRun else None
-    if read is not None:  # None: a plain `Run`, or one another thread has just read
+    private = object.__getattribute__(run, "__pydantic_private__") if type(run) is _UnreadRun else None
+    if private is not None:  # None: a plain `Run`, or one another thread has just read
         # The record goes in before the class changes and the reader goes last: a thread that sees a plain
         # `Run`, or no reader, sees it whole. Nothing was set on the run since it was made (setting an
         # attribute reads first), but its `child_runs` by `tasks.run_tree`, before anyone could see it.
-        object.__setattr__(run, "__dict__", _state(run.__dict__, read()))
+        read, run_id = private
+        values = object.__getattribute__(run, "__dict__")
+        state = _state(values, read())
+        if "id" not in values and run_id is not None:
+            state["id"] = uuid.UUID(run_id)
+        object.__setattr__(run, "__dict__", state)
+        object.__setattr__(run, "__pydantic_fields_set__", set(_RUN_FIELDS_SET))
+        object.__setattr__(run, "__pydantic_extra__", None)
         object.__setattr__(run, "__class__", Run)
         object.__setattr__(run, "__pydantic_private__", None)
     return run

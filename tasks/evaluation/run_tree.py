@@ -35,6 +35,9 @@ class _Forest:
             if not self._grown:
                 self._grown = True
                 self._link()
+                # Each root's `ChildRuns` refers to this forest: without these, the trees are a cycle that only
+                # the collector frees (it walked every run of the batch to do it).
+                self.children, self.rows = {}, None
 
     def _link(self) -> None:
         rows, spans, roots = self.rows, self.rows.spans, self.roots
@@ -54,8 +57,8 @@ class _Forest:
         by_id: dict[str, list[Any]] = {}
         for i, run_id in zip(roots, spans.column("id").take(pa.array(roots, pa.int64())).to_pylist(), strict=True):
             by_id[run_id] = self.children[i]
-        for i, run_id in zip(members_list, ids, strict=True):
-            by_id[run_id] = run(i).__dict__["child_runs"] = []
+        for i, run_id in zip(members_list, ids, strict=True):  # not `.__dict__`: that would read an unread child
+            by_id[run_id] = object.__getattribute__(run(i), "__dict__")["child_runs"] = []
         for i, parent, trace in zip(members_list, parents, traces, strict=True):
             # A span whose parent is not among the trace's spans still belongs to the trace: under its root.
             list.append(by_id.get(parent, by_id[trace]), run(i))

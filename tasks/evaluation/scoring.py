@@ -52,7 +52,7 @@ from tasks.sources.records import RECORDS_KEY, RecordFile, run_metadata
 
 _RUN_FIELDS = ("id", "name", "run_type", "error", "status", "trace_id", "dotted_order", "parent_run_id",
                "session_id", "total_tokens", "app_path", "start_time", "end_time")
-_REQUIRED_UUIDS = {"id", "trace_id"}
+_OTHER_RUN_FIELDS = _RUN_FIELDS[1:]  # all but the id, which an unread child parses when it is first used
 _OPTIONAL_UUIDS = {"parent_run_id", "session_id"}
 _EPOCH = datetime(1970, 1, 1, tzinfo=ZoneInfo("UTC"))  # the tzinfo Arrow gives a UTC timestamp
 
@@ -100,20 +100,23 @@ class RunRows:
         columns = [_python_values(subset.column(name)) for name in _RUN_FIELDS]
         known = self._uuids  # the spans of a trace share its id and point at each other's: each is parsed once
         for position, name in enumerate(_RUN_FIELDS):
-            if name in _REQUIRED_UUIDS:
+            if name == "trace_id":
                 columns[position] = [known.get(value) or known.setdefault(value, uuid.UUID(value))
                                      for value in columns[position]]
             elif name in _OPTIONAL_UUIDS:
                 columns[position] = [(known.get(value) or known.setdefault(value, uuid.UUID(value))) if value else None
                                      for value in columns[position]]
+        ids, others = columns[0], list(zip(*columns[1:], strict=True))
         runs, fields, parsed = self._runs, self.fields, self._fields
         is_root = self.spans.column("is_root").to_numpy(zero_copy_only=False)
-        for i, values in zip(wanted, zip(*columns, strict=True), strict=True):
-            run_fields = zip(_RUN_FIELDS, values, strict=True)
+        for i, run_id, values in zip(wanted, ids, others, strict=True):
             if is_root[i] or i in parsed:
+                run_fields = zip(_RUN_FIELDS, (known.get(run_id) or known.setdefault(run_id, uuid.UUID(run_id)),
+                                               *values), strict=True)
                 runs[i] = run_object(run_fields, fields(i))
-            else:  # a span in a root's `child_runs`: most are passed over, their records never parsed
-                runs[i] = unread_run_object(run_fields, self._reader(i))
+            else:  # a span in a root's `child_runs`: most are passed over, their records and ids never parsed
+                run_fields = zip(_OTHER_RUN_FIELDS, values, strict=True)
+                runs[i] = unread_run_object(run_fields, self._reader(i), run_id)
         link_child_runs(self, wanted)  # a root run comes with its trace's tree
 
     def forget(self, indices: list[int]) -> None:
@@ -126,6 +129,14 @@ class RunRows:
         if i not in self._runs:
             self.prepare_runs([i])
         return self._runs[i]
+
+    def release(self) -> None:
+        """Let go of the batch's runs and records now, while the collector is paused: a root and its trees refer
+        back to these rows (to grow them), a cycle that reference counting alone cannot free. Left to the
+        collector, its first pass after the batch walked every run, dict and list of the batch (0.5 s for a
+        6,250-root batch whose trees were read)."""
+        self._runs.clear()
+        self._fields.clear()
 
     def cache_keys(self, indices: list[int]) -> list[str]:
         """'<run id>:<digest of its record>' for each row: a changed record is a new key."""
@@ -248,8 +259,11 @@ def batch_scores(
     """SCORES of a batch, and its root runs' metadata (ROOT_METADATA), from one pass over the records."""
     with _collector_paused(), RecordFile(records_path(spans.schema)) as records:
         rows = RunRows(spans, records)
-        scores = _span_scores(spans, rows, evaluators, window_start, batch or BatchRun())
-        return scores, _root_metadata(spans, rows)
+        try:
+            scores = _span_scores(spans, rows, evaluators, window_start, batch or BatchRun())
+            return scores, _root_metadata(spans, rows)
+        finally:
+            rows.release()
 
 
 def _root_metadata(spans: pa.Table, rows: RunRows) -> pa.Table:
