@@ -144,14 +144,14 @@ def user_evaluator(source: Path, work: Path, traces: int) -> None:
     import pyarrow.parquet as pq
 
     from tasks.config import EvaluatorConfig
-    from tasks.evaluation.scoring import bind_all, span_scores
+    from tasks.evaluation.scoring import batch_scores, bind_all
 
     config = EvaluatorConfig(key="mentions_question", ref="bench.pipeline:answer_mentions_question")
     window = pq.ParquetFile(next(work.glob("window-*.parquet")))
     batch = window.read_row_group(0)
     roots = batch.filter(batch.column("is_root")).num_rows
     start = time.perf_counter()
-    span_scores(batch, bind_all([config]), None)
+    batch_scores(batch, bind_all([config]), None)[0]
     seconds = time.perf_counter() - start
     print("\na plain per-run Python user evaluator (one process, one batch):")
     _line(f"{roots:,} root runs", seconds, roots)
@@ -170,7 +170,7 @@ def run_evaluator(source: Path, work: Path, traces: int, runs: int) -> None:
     import tasks.evaluation.scoring
     from flows.triage import triage
     from tasks.config import EvaluatorConfig, FileSource, LoopConfig, default_evaluators
-    from tasks.evaluation.scoring import bind_all, span_scores
+    from tasks.evaluation.scoring import batch_scores, bind_all
 
     @flow
     def warm_up() -> None:
@@ -192,7 +192,7 @@ def run_evaluator(source: Path, work: Path, traces: int, runs: int) -> None:
         for label, link in (("without child_runs (before)", lambda rows, built: None), ("with child_runs", linked)):
             tasks.evaluation.scoring.link_child_runs = link
             start = time.perf_counter()
-            span_scores(batch, bind_all([evaluator]), None)
+            batch_scores(batch, bind_all([evaluator]), None)[0]
             _line(f"{label}: one batch, {roots:,} roots", time.perf_counter() - start, roots)
             timings = []
             for run in range(runs):

@@ -12,7 +12,7 @@ import pytest
 from tasks.analysis.verdicts import score_statuses
 from tasks.config import ConfigError, FileSource, LoopConfig, SpanTarget, load_config
 from tasks.evaluation.evaluators import EvaluatorError, register
-from tasks.evaluation.scoring import bind_all, span_scores
+from tasks.evaluation.scoring import batch_scores, bind_all
 from tasks.sinks.connections import validate
 from tasks.sources.records import spans_from_records
 from tasks.sources.sample import DEFAULT_RATES, SAMPLE_START, generate_traces
@@ -206,7 +206,7 @@ def rerank_statuses(higher_is_better: bool) -> list[str]:
         "higher_is_better": higher_is_better, "target": {"name": "rerank"},
     }))
     evaluators = [e for e in config.evaluators if e.key == "rerank_seconds"]
-    judged = score_statuses(span_scores(spans, bind_all(evaluators), SAMPLE_START), evaluators).to_pandas()
+    judged = score_statuses(batch_scores(spans, bind_all(evaluators), SAMPLE_START)[0], evaluators).to_pandas()
     assert judged["span_name"].tolist() == ["rerank", "rerank"]
     return judged["status"].tolist()
 

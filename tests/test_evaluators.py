@@ -33,7 +33,7 @@ from tasks.evaluation.evaluators import (
     normalise_result,
     register,
 )
-from tasks.evaluation.scoring import RunRows, span_scores, target_mask
+from tasks.evaluation.scoring import RunRows, batch_scores, target_mask
 from tasks.sources.records import spans_from_records
 from tasks.sources.sample import DEFAULT_RATES, SAMPLE_START, SampleTraces, generate_traces
 
@@ -66,7 +66,7 @@ def evaluator(fn_or_ref: Callable[..., Any] | str, key: str = "quality", **setti
 
 
 def scores(spans: pa.Table, *evaluators: BoundEvaluator) -> pd.DataFrame:
-    return span_scores(spans, list(evaluators), SAMPLE_START).to_pandas()
+    return batch_scores(spans, list(evaluators), SAMPLE_START)[0].to_pandas()
 
 
 def root_results(spans: pa.Table, bound: BoundEvaluator) -> list[list[Result]]:

@@ -244,15 +244,6 @@ def target_mask(spans: pa.Table, config: EvaluatorConfig) -> np.ndarray:
     return mask
 
 
-def span_scores(spans: pa.Table, evaluators: list[BoundEvaluator], window_start: datetime,
-                batch: BatchRun | None = None) -> pa.Table:
-    """One SCORES row per (scored span, evaluator result); statuses are left to partition.
-
-    The records are read from the JSONL file named in the spans' schema metadata.
-    """
-    return batch_scores(spans, evaluators, window_start, batch)[0]
-
-
 def batch_scores(
     spans: pa.Table, evaluators: list[BoundEvaluator], window_start: datetime, batch: BatchRun | None = None
 ) -> tuple[pa.Table, pa.Table]:
