@@ -11,12 +11,14 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import errno
 import json
 import os
 import sys
 import tempfile
+import threading
 import traceback
 from datetime import UTC, datetime
 from pathlib import Path
@@ -382,5 +384,20 @@ def main(argv: list[str] | None = None) -> int:
         return unexpected(exc)
 
 
+def entry() -> None:
+    """The `tracetriage` command: `main`, then exit without the interpreter's teardown.
+
+    By the time `main` returns, the run's output is written and flushed and its flow runs are reported; what
+    remains is Python's exit: the atexit handlers (Prefect's event and log workers drain there, the worker pool
+    stops), then freeing every module and object, which took 0.7 s of a 5 s run here. The threads are still
+    joined and the handlers still run, in Python's order; only the freeing is skipped."""
+    code = main()
+    threading._shutdown()  # what Python's exit does first: join non-daemon threads, stop executors
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -129,12 +129,22 @@ def _free_port(preferred: int | None) -> int:
         return probe.getsockname()[1]
 
 
+# The server records task runs from the client's events. Prefect's default writes each event in its own SQLite
+# transaction as it arrives; one that commits while an API request (e.g. creating a window's flow run) is between
+# its read and its write makes that request fail with SQLITE_BUSY, which the server answers with 503 and the client
+# retries 2 s later. That was up to 2 s per window of a 20-trace run, and 1.3 s of server CPU. Written in batches,
+# at most 1 s apart (the UI shows a task's state up to 1 s later), no such conflict was seen in 20 runs
+# (docs/benchmarks.md, "The local server's 503s").
+RECORDER_BATCHES = {"PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "1000",
+                    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "1"}
+
+
 def _server_env(home: Path) -> dict[str, str]:
     """The user's environment without their Prefect settings (a database URL, an API URL, a profile must not
     leak into this server), with this server's own home; offline: no telemetry."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     return {**env, "PREFECT_HOME": str(home / "home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PREFECT_SERVER_LOGGING_LEVEL": "WARNING"}
+            "PREFECT_SERVER_LOGGING_LEVEL": "WARNING", **RECORDER_BATCHES}
 
 
 def ensure_started() -> tuple[LocalServer, bool]:
