@@ -2,9 +2,9 @@
 
     .venv/bin/python bench/langsmith_fetch.py [--traces 2000] [--latency 0.05] [--time-factor 1.0]
 
-Both talk HTTP to the LangSmith-compatible test server (tests/langsmith_server.py),
-which holds `--traces` sample traces in one hour, adds `--latency` seconds to every
-request and enforces LangSmith Cloud's rate limits per API key (run queries 15 / 10 s,
+Both talk HTTP to the LangSmith-compatible test server (tests/langsmith_server.py), in a
+process of its own (LangSmith is remote), which holds `--traces` sample traces in one hour,
+adds `--latency` seconds to every request and enforces LangSmith Cloud's rate limits per API key (run queries 15 / 10 s,
 feedback 2,000 / 10 s, others 1,000 / 10 s; `--time-factor` < 1 shortens the windows).
 
 - tracetriage: the triage flow with a LangSmith source and `do: feedback` on every
@@ -69,8 +69,8 @@ def feedback_scores(server, records: list[dict], out: Path, floor: int) -> None:
     from tasks.sources.sample import SAMPLE_START
 
     roots = [r["id"] for r in records if r.get("parent_run_id") is None]
-    server.feedback.extend({"id": f"fb-{i}", "run_id": run_id, "key": "correctness", "score": (i % 5) / 4}
-                           for i, run_id in enumerate(roots))
+    server.add_feedback([{"id": f"fb-{i}", "run_id": run_id, "key": "correctness", "score": (i % 5) / 4}
+                         for i, run_id in enumerate(roots)])
     config = LoopConfig(name="bench-feedback", source=LangSmithSource(project=PROJECT),
                         evaluators=[EvaluatorConfig(key="correctness", ref="langsmith:feedback/correctness")])
     server.reset_log()
@@ -109,6 +109,67 @@ def baseline(failing: list[str]) -> float:
     return time.perf_counter() - t
 
 
+def _serve(conn, options: dict) -> None:
+    """The child process: a LangSmith test server, its state read and changed through `conn`."""
+    from tests.langsmith_server import LangSmithTestServer
+
+    with LangSmithTestServer(**options) as server:
+        conn.send(server.url)
+        while (message := conn.recv()) is not None:
+            name, args = message
+            if name == "feedback_extend":
+                conn.send(server.feedback.extend(args[0]))
+            elif callable(value := getattr(server, name)):
+                conn.send(value(*args))
+            else:
+                conn.send(value)
+
+
+class RemoteServer:
+    """The LangSmith test server in a process of its own, as LangSmith is remote: its request handling (and its
+    checks of every answer against the OpenAPI spec) does not share this process's GIL with the loop measured."""
+
+    def __init__(self, **options):
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        self._process = context.Process(target=_serve, args=(child, options), daemon=True)
+        self._process.start()
+        self.url = self._conn.recv()
+
+    def _call(self, name: str, *args):
+        self._conn.send((name, args))
+        return self._conn.recv()
+
+    def __enter__(self) -> RemoteServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._conn.send(None)
+        self._process.join(timeout=10)
+
+    def add_project(self, name: str, records: list[dict]) -> str:
+        return self._call("add_project", name, records)
+
+    def counts(self, status="any"):
+        return self._call("counts", status)
+
+    def reset_log(self) -> None:
+        self._call("reset_log")
+
+    @property
+    def feedback(self) -> list[dict]:
+        return self._call("feedback")
+
+    @property
+    def ingest_parts(self) -> list[int]:
+        return self._call("ingest_parts")
+
+    def add_feedback(self, items: list[dict]) -> None:
+        self._call("feedback_extend", items)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--traces", type=int, default=2000)
@@ -123,8 +184,11 @@ def main() -> None:
 
     from prefect.testing.utilities import prefect_test_harness
 
+    from flows.local_api import record_task_runs_in_batches
+
+    record_task_runs_in_batches()  # as the CLI's local server records them
+
     from tasks.sources.sample import SAMPLE_START, generate_traces
-    from tests.langsmith_server import LangSmithTestServer
 
     records = generate_traces(args.traces, seed=2907, start=SAMPLE_START, hours=1).records
     spans = len(records)
@@ -134,8 +198,8 @@ def main() -> None:
     print(f"run-query floor: ceil({spans:,} / 1000) = {floor} queries "
           f"({math.ceil(floor / 15) - 1} rate-limit waits of {10 * args.time_factor:g} s)")
     with prefect_test_harness(server_startup_timeout=60), \
-            LangSmithTestServer(api_key=KEY, latency=args.latency, rate_limits=True,
-                                time_factor=args.time_factor) as server:
+            RemoteServer(api_key=KEY, latency=args.latency, rate_limits=True,
+                         time_factor=args.time_factor) as server:
         os.environ["LANGSMITH_ENDPOINT"], os.environ["LANGSMITH_API_KEY"] = server.url, KEY
         server.add_project(PROJECT, records)
         if args.feedback_scores:

@@ -112,6 +112,10 @@ def end_to_end(source: Path, out: Path, traces: int, runs: int) -> None:
     from prefect import flow
     from prefect.testing.utilities import prefect_test_harness
 
+    from flows.local_api import record_task_runs_in_batches
+
+    record_task_runs_in_batches()  # as the CLI's local server records them
+
     from flows.triage import triage
     from tasks.config import FileSource, LoopConfig
     from tasks.evaluation.evaluate import shutdown_evaluation_pool

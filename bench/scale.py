@@ -46,6 +46,10 @@ def main() -> None:
     from distributed import LocalCluster
     from prefect.testing.utilities import prefect_test_harness
 
+    from flows.local_api import record_task_runs_in_batches
+
+    record_task_runs_in_batches()  # as the CLI's local server records them
+
     from flows.triage import triage
     from tasks.config import EvaluatorConfig, FileSource, LoopConfig, RunnerConfig
     from tasks.sources.sample import generate_traces, write_sample

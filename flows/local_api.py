@@ -147,6 +147,13 @@ def _server_env(home: Path) -> dict[str, str]:
             "PREFECT_SERVER_LOGGING_LEVEL": "WARNING", **RECORDER_BATCHES}
 
 
+def record_task_runs_in_batches() -> None:
+    """Have a Prefect server this process starts (Prefect's temporary one, the test harness's) record task runs
+    in batches too, unless the environment sets it: they inherit the environment."""
+    for name, value in RECORDER_BATCHES.items():
+        os.environ.setdefault(name, value)
+
+
 def ensure_started() -> tuple[LocalServer, bool]:
     """The running local server, or a new one starting (not yet answering): `(server, started_now)`.
 

@@ -9,6 +9,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
+from flows.local_api import record_task_runs_in_batches
 from tasks.analysis.attribution import attribute_task
 from tasks.analysis.failure_modes import aggregate_task
 from tasks.analysis.trends import spike_task
@@ -34,6 +35,8 @@ from tasks.summary import (
 
 DEFAULT_CONFIG = LoopConfig()  # the flows' default, shown whole in Prefect's run form (the sample traces)
 RETRY_WITHIN = timedelta(days=1)  # how far back the scheduled run looks for actions to try again
+
+record_task_runs_in_batches()  # e.g. the temporary server Prefect starts for a Python loop
 
 
 @flow(name="triage-window", flow_run_name="window {window.window_start:%Y-%m-%d %H:%M}",

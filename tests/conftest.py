@@ -10,10 +10,9 @@ from pathlib import Path
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 # The test server records task runs in batches, as the CLI's local server does (flows/local_api.py says why).
-from flows.local_api import RECORDER_BATCHES  # noqa: E402
+from flows.local_api import record_task_runs_in_batches  # noqa: E402
 
-for _name, _value in RECORDER_BATCHES.items():
-    os.environ.setdefault(_name, _value)
+record_task_runs_in_batches()
 # Credentials for the local S3 only; never let boto look further (instance metadata, profiles).
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 

