@@ -31,13 +31,15 @@ class _Forest:
         self._lock = threading.Lock()
 
     def grow(self) -> None:
+        if self._grown:  # every read of every root's `child_runs` comes here: no lock once grown
+            return
         with self._lock:
             if not self._grown:
-                self._grown = True
                 self._link()
                 # Each root's `ChildRuns` refers to this forest: without these, the trees are a cycle that only
                 # the collector frees (it walked every run of the batch to do it).
                 self.children, self.rows = {}, None
+                self._grown = True  # last: a reader that sees it sees whole trees
 
     def _link(self) -> None:
         rows, spans, roots = self.rows, self.rows.spans, self.roots
