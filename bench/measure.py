@@ -93,6 +93,10 @@ class PeakRSS:
                 role = f"worker {pid}" if self._role(self._parent(pid)) == "forkserver" else "forkserver"
             else:
                 role = f"other {pid}"
+                if command == self._command(os.getpid()):
+                    # Forked from this process and not yet exec'd (e.g. the Prefect API server starting): its
+                    # command line is still ours. Read again on the next sample instead of remembering this.
+                    return role
             self._roles[pid] = role
         return self._roles[pid]
 
