@@ -174,21 +174,25 @@ def test_a_run_object_carries_the_span_as_langsmith_would(healthy):
 
 
 def test_a_child_run_is_parsed_when_first_read_even_after_its_batch_is_closed(healthy):
-    """The children in `run.child_runs` are read when first used (an attribute, a dump, a pickle, a copy): then
-    each is the same plain `Run` as one built from its parsed record."""
+    """The children in `run.child_runs` are read when first used, field by field (an attribute) or whole (a dump,
+    a pickle, a copy): each is then the same `Run` as one built from its parsed record."""
     rows = RunRows(healthy)
     children = list(rows.run(0).child_runs)
     rows.records.close()  # as after a batch, or in dispatch once the roots are built
     fresh, row_of = RunRows(healthy), {run_id: i for i, run_id in enumerate(healthy.column("id").to_pylist())}
     first, second, *rest = children
-    assert first.outputs == fresh.fields(row_of[str(first.id)])["outputs"] and isinstance(first.inputs, dict)
+    i = row_of[str(first.id)]
+    assert first.outputs == fresh.fields(i)["outputs"] and isinstance(first.inputs, dict)
+    assert (first.start_time, first.parent_run_id, first.metadata) == (
+        fresh.run(i).start_time, fresh.run(i).parent_run_id, fresh.run(i).metadata)
+    assert type(first) is not Run and isinstance(first, Run)  # looked at, not yet read whole
     assert copy.deepcopy(second).inputs == fresh.fields(row_of[str(second.id)])["inputs"]
     assert all(type(pickle.loads(pickle.dumps(child))) is Run for child in rest)
     for child in children:
         i = row_of[str(child.id)]
         fresh.fields(i)  # parsed first: `fresh.run(i)` is built whole
-        assert type(child) is Run
         assert child.model_dump(exclude={"child_runs"}) == fresh.run(i).model_dump(exclude={"child_runs"})
+        assert type(child) is Run
 
 
 

@@ -145,14 +145,20 @@ def test_child_runs_are_the_traces_tree_three_levels_deep_in_dotted_order(server
 def test_evaluators_that_do_not_read_child_runs_do_not_pay_for_them(server, sample, tmp_path, evaluator):
     """An (inputs, outputs) evaluator gets no Run at all; one taking `run` that never reads `child_runs` gets
     only the root runs (trees are grown when first read)."""
+    from tasks.evaluation.run_tree import _Forest
     from tasks.evaluation.scoring import RunRows
 
     built: list[int] = []
-    original = RunRows.prepare_runs
+    grown: list[int] = []
+    original, link = RunRows.prepare_runs, _Forest._link
 
     def counting(self, indices):
         built.extend(indices)
         return original(self, indices)
+
+    def linking(self):
+        grown.extend(self.roots)
+        return link(self)
 
     def outputs_only(run) -> float:
         return float(bool(run.outputs))
@@ -160,11 +166,13 @@ def test_evaluators_that_do_not_read_child_runs_do_not_pay_for_them(server, samp
     server.add_project("plain", sample.records)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(RunRows, "prepare_runs", counting)
+        patch.setattr(_Forest, "_link", linking)
         feedback_loop(project_name="plain", evaluator=outputs_only if evaluator.startswith("run") else
                       (lambda inputs, outputs: float(bool(outputs))), threshold=0.5,
                       start=START, end=END, out=str(tmp_path))
     roots = sorted(i for i, r in enumerate(sample.records) if r.get("parent_run_id") is None)
     assert len(built) == (len(roots) if evaluator.startswith("run") else 0)
+    assert grown == []
 
 
 def test_feedback_already_in_langsmith_is_the_score_and_a_run_without_it_is_an_error(server, sample, tmp_path):

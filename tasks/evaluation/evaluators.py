@@ -324,16 +324,18 @@ def run_object(values: Iterable[tuple[str, Any]] | dict[str, Any], fields: dict[
     return run
 
 
-def unread_run_object(values: Iterable[tuple[str, Any]] | dict[str, Any], read: Callable[[], dict[str, Any]],
-                      run_id: str | None = None) -> Run:
-    """`run_object(values, read())`, with `read()` (the span's parsed record) called only when the run's inputs,
-    outputs or metadata are first used: most of the spans in a root's `child_runs` are passed over unread.
+def unread_run_object(values: dict[str, Any], source: Any, row: int) -> Run:
+    """A `Run` of row `row` of `source` (a `tasks.evaluation.run_tree.TreeSource`) that holds only `values` (a
+    child's name and run_type, its `child_runs`) until more is used: most of the spans in a root's `child_runs`
+    are passed over with a look at their name.
 
-    Until then the run holds only `values` (its table fields): its other fields, its fields-set and its extra are
-    made when it is read. `run_id` (the id as text, when `values` lacks it) becomes its UUID when first used."""
+    A table field (its id, times, status...) is converted when first used, the record (inputs, outputs,
+    metadata) parsed when first used; anything that reads the run whole (its `__dict__` as a parent's dump reads
+    it, comparison, dumps, copies, pickles, setting an attribute) makes it, in place, the plain `Run` that
+    `run_object` builds."""
     run = _UnreadRun.__new__(_UnreadRun)
-    object.__setattr__(run, "__dict__", dict(values))
-    object.__setattr__(run, "__pydantic_private__", (read, run_id))
+    object.__setattr__(run, "__dict__", values)
+    object.__setattr__(run, "__pydantic_private__", (source, row))
     return run
 
 
@@ -346,22 +348,30 @@ def _state(values: Iterable[tuple[str, Any]] | dict[str, Any], fields: dict[str,
     return state
 
 
+_RECORD_FIELDS = frozenset(("inputs", "outputs", "extra"))
+
+
 class _UnreadRun(Run):
-    """A `Run` of `unread_run_object` until its record is read; then, in place, the plain `Run` that `run_object`
-    builds. Anything that reads or copies the run (attributes it lacks, its `__dict__` as a parent's dump reads
-    it, comparison, dumps, copies, pickles) reads the record first."""
+    """A `Run` of `unread_run_object` until it is read whole; then, in place, the plain `Run` that `run_object`
+    builds."""
 
     def __getattribute__(self, name: str) -> Any:
         if name == "__dict__":
             _read(self)
         return object.__getattribute__(self, name)
 
-    def __getattr__(self, name: str) -> Any:
-        if name == "id":
-            state, (_, run_id) = object.__getattribute__(self, "__dict__"), object.__getattribute__(
-                self, "__pydantic_private__")
-            if run_id is not None and "id" not in state:
-                value = state["id"] = uuid.UUID(run_id)
+    def __getattr__(self, name: str) -> Any:  # a field not yet in the run's `__dict__`
+        private = object.__getattribute__(self, "__pydantic_private__")
+        if private is not None:
+            source, row = private
+            state = object.__getattribute__(self, "__dict__")
+            if name in _RECORD_FIELDS:
+                fields = source.fields(row)
+                state["inputs"], state["outputs"] = fields["inputs"], fields["outputs"]
+                state["extra"] = {"metadata": fields["metadata"] or {}}
+                return state[name]
+            if source.has_field(name):
+                value = state[name] = source.value(name, row)
                 return value
         return getattr(_read(self), name)
 
@@ -369,14 +379,10 @@ class _UnreadRun(Run):
 def _read(run: Run) -> Run:
     private = object.__getattribute__(run, "__pydantic_private__") if type(run) is _UnreadRun else None
     if private is not None:  # None: a plain `Run`, or one another thread has just read
-        # The record goes in before the class changes and the reader goes last: a thread that sees a plain
-        # `Run`, or no reader, sees it whole. Nothing was set on the run since it was made (setting an
-        # attribute reads first), but its `child_runs` by `tasks.run_tree`, before anyone could see it.
-        read, run_id = private
-        values = object.__getattribute__(run, "__dict__")
-        state = _state(values, read())
-        if "id" not in values and run_id is not None:
-            state["id"] = uuid.UUID(run_id)
+        # The whole state goes in before the class changes and the source goes last: a thread that sees a plain
+        # `Run`, or no source, sees it whole. What the run holds already (its `child_runs`, fields used) wins.
+        source, row = private
+        state = _state({**source.values(row), **object.__getattribute__(run, "__dict__")}, source.fields(row))
         object.__setattr__(run, "__dict__", state)
         object.__setattr__(run, "__pydantic_fields_set__", set(_RUN_FIELDS_SET))
         object.__setattr__(run, "__pydantic_extra__", None)

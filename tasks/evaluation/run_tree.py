@@ -6,9 +6,10 @@ and outputs parsed. Trees exist only where a `Run` object is built, that is for 
 that take `run`: evaluators of `(inputs, outputs)` never pay for them. And they are grown
 when first read: the first look at any root's `child_runs` builds the trees of all the
 roots built with it (one pass over the batch), so an evaluator that takes `run` but never
-reads `child_runs` pays nothing either. A child's record (inputs, outputs, metadata) is parsed
-when that child's are first read (`tasks.evaluators.unread_run_object`): an evaluator that
-looks for one span by name parses only that span's.
+reads `child_runs` pays nothing either. A child holds its name and run_type; each other field is
+converted when first used, its record (inputs, outputs, metadata) parsed when first used
+(`tasks.evaluation.evaluators.unread_run_object`): an evaluator that looks for one span by
+name parses only that span's.
 """
 
 from __future__ import annotations
@@ -45,25 +46,21 @@ class _Forest:
         rows, spans, roots = self.rows, self.rows.spans, self.roots
         is_root = spans.column("is_root").to_numpy(zero_copy_only=False)
         trace_ids = spans.column("trace_id")
-        in_traces = pc.is_in(trace_ids, value_set=trace_ids.take(pa.array(roots, pa.int64()))).to_numpy(
-            zero_copy_only=False)
+        root_ids = spans.column("id").take(pa.array(roots, pa.int64()))  # a root's id is its trace's
+        in_traces = pc.is_in(trace_ids, value_set=root_ids).to_numpy(zero_copy_only=False)
         members = np.flatnonzero(in_traces & ~is_root)
         if len(members):
             members = members[pc.sort_indices(spans.column("dotted_order").take(pa.array(members))).to_numpy()]
-        members_list = members.tolist()
-        rows.prepare_runs(members_list)  # not roots: no trees of their own
-        taken = pa.array(members_list, pa.int64())
-        ids, parents, traces = (spans.column(name).take(taken).to_pylist()
-                                for name in ("id", "parent_run_id", "trace_id"))
-        run = rows.run
-        by_id: dict[str, list[Any]] = {}
-        for i, run_id in zip(roots, spans.column("id").take(pa.array(roots, pa.int64())).to_pylist(), strict=True):
-            by_id[run_id] = self.children[i]
-        for i, run_id in zip(members_list, ids, strict=True):  # not `.__dict__`: that would read an unread child
-            by_id[run_id] = object.__getattribute__(run(i), "__dict__")["child_runs"] = []
-        for i, parent, trace in zip(members_list, parents, traces, strict=True):
-            # A span whose parent is not among the trace's spans still belongs to the trace: under its root.
-            list.append(by_id.get(parent, by_id[trace]), run(i))
+        taken = spans.select(["id", "parent_run_id", "trace_id", "name", "run_type"]).take(pa.array(members))
+        # Each member's parent among the members, else (its parent is the root, or not among the trace's spans:
+        # it still belongs to the trace) its root.
+        parent = pc.index_in(taken.column("parent_run_id"), value_set=taken.column("id")).fill_null(-1)
+        root = pc.index_in(taken.column("trace_id"), value_set=root_ids).to_pylist()
+        children, lists = rows.tree_runs(members.tolist(), taken.column("name").to_pylist(),
+                                         taken.column("run_type").to_pylist())
+        root_lists = [self.children[i] for i in roots]
+        for child, up, trace in zip(children, parent.to_pylist(), root, strict=True):
+            list.append(lists[up] if up >= 0 else root_lists[trace], child)
 
 
 class ChildRuns(list):

@@ -17,10 +17,9 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from functools import partial
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -53,8 +52,8 @@ from tasks.sources.records import RECORDS_KEY, RecordFile, run_metadata
 
 _RUN_FIELDS = ("id", "name", "run_type", "error", "status", "trace_id", "dotted_order", "parent_run_id",
                "session_id", "total_tokens", "app_path", "start_time", "end_time")
-_OTHER_RUN_FIELDS = _RUN_FIELDS[1:]  # all but the id, which an unread child parses when it is first used
-_OPTIONAL_UUIDS = {"parent_run_id", "session_id"}
+_RUN_FIELD_SET = frozenset(_RUN_FIELDS)
+_UUIDS = frozenset(("id", "trace_id", "parent_run_id", "session_id"))
 _EPOCH = datetime(1970, 1, 1, tzinfo=ZoneInfo("UTC"))  # the tzinfo Arrow gives a UTC timestamp
 
 
@@ -67,64 +66,42 @@ class RunRows:
 
     def __init__(self, spans: pa.Table, records: RecordFile | None = None):
         self.spans = spans
-        self.records = records or RecordFile(records_path(spans.schema))
-        self.offsets = spans.column("record_offset").to_numpy()
-        self.lengths = spans.column("record_length").to_numpy()
-        self._fields: dict[int, dict[str, Any]] = {}
+        self.source = RowSource(spans, records or RecordFile(records_path(spans.schema)))
+        self.records = self.source.records
+        self.fields = self.source.fields
         self._runs: dict[int, Any] = {}
-        self._uuids: dict[str, uuid.UUID] = {}
-
-    def fields(self, i: int) -> dict[str, Any]:
-        cached = self._fields.get(i)
-        if cached is None:
-            cached = self._fields[i] = _record_fields(self.records.record(int(self.offsets[i]), int(self.lengths[i])))
-        return cached
-
-    def _readers(self, indices: list[int]) -> list[Callable[[], dict[str, Any]]]:
-        """`fields(i)` for each row, later, even once the records file is closed: each keeps its record's bytes.
-        (A closure per row, with numpy's offsets read one by one, was most of what a batch's trees cost.)"""
-        raw, cache = self.records.raw, self._fields
-        offsets, lengths = self.offsets[indices].tolist(), self.lengths[indices].tolist()
-        return [partial(_cached_fields, cache, i, raw(offset, length))
-                for i, offset, length in zip(indices, offsets, lengths, strict=True)]
 
     def prepare_runs(self, indices: list[int]) -> None:
         """Convert the run fields of these rows in one go (cheaper than row by row)."""
         wanted = [i for i in indices if i not in self._runs]
         if not wanted:
             return
-        subset = self.spans.select(list(_RUN_FIELDS)).take(pa.array(wanted, pa.int64()))
-        columns = [_python_values(subset.column(name)) for name in _RUN_FIELDS]
-        known = self._uuids  # the spans of a trace share its id and point at each other's: each is parsed once
-        for position, name in enumerate(_RUN_FIELDS):
-            if name == "trace_id":
-                columns[position] = [known.get(value) or known.setdefault(value, uuid.UUID(value))
-                                     for value in columns[position]]
-            elif name in _OPTIONAL_UUIDS:
-                columns[position] = [(known.get(value) or known.setdefault(value, uuid.UUID(value))) if value else None
-                                     for value in columns[position]]
-        ids, others = columns[0], list(zip(*columns[1:], strict=True))
-        runs, fields, parsed = self._runs, self.fields, self._fields
-        is_root = self.spans.column("is_root").to_numpy(zero_copy_only=False)
-        unread = []
-        for position, (i, run_id, values) in enumerate(zip(wanted, ids, others, strict=True)):
-            if is_root[i] or i in parsed:
-                run_fields = zip(_RUN_FIELDS, (known.get(run_id) or known.setdefault(run_id, uuid.UUID(run_id)),
-                                               *values), strict=True)
-                runs[i] = run_object(run_fields, fields(i))
-            else:  # a span in a root's `child_runs`: most are passed over, their records and ids never parsed
-                unread.append(position)
-        if unread:
-            rows = [wanted[p] for p in unread]
-            for i, position, read in zip(rows, unread, self._readers(rows), strict=True):
-                runs[i] = unread_run_object(zip(_OTHER_RUN_FIELDS, others[position], strict=True), read,
-                                            ids[position])
+        runs, fields = self._runs, self.fields
+        for i, values in zip(wanted, self.source.run_fields(wanted), strict=True):
+            runs[i] = run_object(zip(_RUN_FIELDS, values, strict=True), fields(i))
         link_child_runs(self, wanted)  # a root run comes with its trace's tree
+
+    def tree_runs(self, indices: list[int], names: list[str], run_types: list[str]) -> tuple[list[Any], list[list]]:
+        """These rows' runs as children in trees, and each one's `child_runs`, a new list to fill: the run already
+        built (a span evaluator's), else one that holds its name and run_type and reads the rest when used."""
+        runs, source, lists = self._runs, self.source, []
+        source.will_read(indices)
+        children = []
+        for i, name, run_type in zip(indices, names, run_types, strict=True):
+            below: list[Any] = []
+            run = runs.get(i)
+            if run is None:
+                run = runs[i] = unread_run_object({"name": name, "run_type": run_type, "child_runs": below}, source, i)
+            else:  # not `.__dict__`: that would read an unread run whole
+                object.__getattribute__(run, "__dict__")["child_runs"] = below
+            children.append(run)
+            lists.append(below)
+        return children, lists
 
     def forget(self, indices: list[int]) -> None:
         """Drop the parsed records (and runs) of rows that no evaluator still to run will read."""
         for i in indices:
-            self._fields.pop(i, None)
+            self.source.forget(i)
             self._runs.pop(i, None)
 
     def run(self, i: int) -> Any:
@@ -138,14 +115,86 @@ class RunRows:
         collector, its first pass after the batch walked every run, dict and list of the batch (0.5 s for a
         6,250-root batch whose trees were read)."""
         self._runs.clear()
-        self._fields.clear()
+        self.source.clear()
 
     def cache_keys(self, indices: list[int]) -> list[str]:
         """'<run id>:<digest of its record>' for each row: a changed record is a new key."""
         ids = self.spans.column("id").take(pa.array(indices, pa.int64())).to_pylist()
-        raw, offsets, lengths = self.records.raw, self.offsets, self.lengths
+        raw, offsets, lengths = self.records.raw, self.source.offsets, self.source.lengths
         return [f"{run_id}:{hashlib.blake2b(raw(int(offsets[i]), int(lengths[i])), digest_size=12).hexdigest()}"
                 for run_id, i in zip(ids, indices, strict=True)]
+
+
+class RowSource:
+    """A batch's rows as a `Run`'s fields come from them: the table's run fields, converted for many rows in one
+    go or for one field of one row, and each row's record, parsed once. What an unread child run reads itself
+    from (`tasks.evaluation.evaluators.unread_run_object`), even once its batch is over: it holds no runs."""
+
+    def __init__(self, spans: pa.Table, records: RecordFile):
+        self.spans, self.records = spans, records
+        self.offsets = spans.column("record_offset").to_numpy()
+        self.lengths = spans.column("record_length").to_numpy()
+        self._fields: dict[int, dict[str, Any]] = {}
+        self._uuids: dict[str, uuid.UUID] = {}  # the spans of a trace share its id and point at each other's
+        self._pending: list[int] = []  # rows whose run fields are converted together when the first is wanted
+        self._converted: dict[int, tuple[Any, ...]] = {}
+
+    def fields(self, i: int) -> dict[str, Any]:
+        cached = self._fields.get(i)
+        if cached is None:
+            cached = self._fields[i] = _record_fields(self.records.record(int(self.offsets[i]), int(self.lengths[i])))
+        return cached
+
+    def forget(self, i: int) -> None:
+        self._fields.pop(i, None)
+
+    def clear(self) -> None:
+        self._fields.clear()
+
+    def _uuid(self, value: str | None) -> uuid.UUID | None:
+        if not value:
+            return None
+        known = self._uuids.get(value)
+        if known is None:
+            known = self._uuids[value] = uuid.UUID(value)
+        return known
+
+    def run_fields(self, indices: list[int]) -> list[tuple[Any, ...]]:
+        """The run fields (`_RUN_FIELDS`, as a `Run` holds them) of these rows, column by column."""
+        subset = self.spans.select(list(_RUN_FIELDS)).take(pa.array(indices, pa.int64()))
+        columns = [_python_values(subset.column(name)) for name in _RUN_FIELDS]
+        for position, name in enumerate(_RUN_FIELDS):
+            if name in _UUIDS:
+                columns[position] = list(map(self._uuid, columns[position]))
+        return list(zip(*columns, strict=True))
+
+    def will_read(self, indices: list[int]) -> None:
+        """These rows' run fields are converted together, when the first of them is wanted whole."""
+        self._pending.extend(indices)
+
+    def has_field(self, name: str) -> bool:
+        return name in _RUN_FIELD_SET
+
+    def value(self, name: str, i: int) -> Any:
+        """One run field of row i (a child that is looked at, not read whole)."""
+        converted = self._converted.get(i)
+        if converted is not None:
+            return converted[_RUN_FIELDS.index(name)]
+        column = self.spans.column(name)
+        if pa.types.is_timestamp(column.type):
+            return _python_values(column.slice(i, 1))[0]
+        value = column[i].as_py()
+        return self._uuid(value) if name in _UUIDS else value
+
+    def values(self, i: int) -> dict[str, Any]:
+        """All run fields of row i (a child read whole), with those of the rows pending beside it."""
+        if i not in self._converted:
+            pending = [row for row in dict.fromkeys(self._pending) if row not in self._converted]
+            if i not in pending:
+                pending.append(i)
+            self._converted.update(zip(pending, self.run_fields(pending), strict=True))
+            self._pending = []
+        return dict(zip(_RUN_FIELDS, self._converted[i], strict=True))
 
 
 @dataclass(frozen=True)
@@ -211,13 +260,6 @@ class BatchRun:
             limiter.close()
         if self.state is not None:
             self.state.close()
-
-
-def _cached_fields(cache: dict[int, dict[str, Any]], i: int, raw: bytes) -> dict[str, Any]:
-    cached = cache.get(i)
-    if cached is None:
-        cached = cache[i] = _record_fields(orjson.loads(raw))
-    return cached
 
 
 def _record_fields(record: dict[str, Any]) -> dict[str, Any]:

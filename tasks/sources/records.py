@@ -94,15 +94,21 @@ class RecordFile:
 
     def __init__(self, path: str | Path):
         self.path = str(path)
+        self._open()
+
+    def _open(self) -> None:
         self._handle = open(self.path, "rb")  # noqa: SIM115 - closed by close() / __del__
         size = os.fstat(self._handle.fileno()).st_size
         self._map = mmap.mmap(self._handle.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
 
     def record(self, offset: int, length: int) -> dict[str, Any]:
-        return orjson.loads(self._map[offset:offset + length])
+        return orjson.loads(self.raw(offset, length))
 
     def raw(self, offset: int, length: int) -> bytes:
-        """The record's bytes as written (what the judge cache digests)."""
+        """The record's bytes as written (what the judge cache digests). A closed file opens again: a run read
+        after its batch (a child passed over until then) reads its record then."""
+        if self._handle.closed:
+            self._open()
         return self._map[offset:offset + length]
 
     def close(self) -> None:
