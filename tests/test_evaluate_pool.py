@@ -47,3 +47,35 @@ def test_a_worker_killed_between_batches_costs_nothing_the_batch_runs_on_a_fresh
                            str(tmp_path / f"here-{batch}.parquet"), workers=1) for batch in range(window.batches)]
     for there, expected in zip(files, here, strict=True):
         assert _scores(there).equals(_scores(expected))
+
+
+def test_a_window_of_more_batches_than_workers_lets_its_workers_go_before_its_analysis(tmp_path, monkeypatch):
+    """Workers keep what their batches made: after a large window's evaluation they exit (before the window's
+    analysis, the flow process's own peak), and the next window forks new ones. A one-batch window keeps them."""
+    import tasks.evaluation.evaluate as evaluate
+    from flows.triage import triage
+    from tasks.config import FileSource
+
+    write_sample(tmp_path / "runs.jsonl", generate_traces(300, seed=4, hours=2))
+    write_sample(tmp_path / "small.jsonl", generate_traces(20, seed=4, hours=1))
+    released: list[list[int]] = []
+    original = evaluate.shutdown_evaluation_pool
+
+    def releasing() -> None:
+        released.append([process.pid for process in (evaluate._POOL._processes or {}).values()])
+        original()
+
+    monkeypatch.setattr(evaluate, "shutdown_evaluation_pool", releasing)
+    config = LoopConfig(source=FileSource(path=str(tmp_path / "runs.jsonl")), batch_size=50, eval_workers=2)
+    windows = triage(config=config, out=str(tmp_path / "out"))["windows"]
+    assert len(windows) == 2 and sum(w["traces"] for w in windows) == 300
+    assert all(counts["error"] == 0 for w in windows for counts in w["evaluators"].values())
+    assert len(released) == 2 and all(len(pids) == 2 for pids in released)
+    assert not set(released[0]) & set(released[1])  # the second window's workers were new
+    for pid in released[0]:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    released.clear()
+    small = LoopConfig(source=FileSource(path=str(tmp_path / "small.jsonl")), eval_workers=2)
+    assert triage(config=small, out=str(tmp_path / "small"))["windows"][0]["traces"] == 20
+    assert released == []

@@ -81,3 +81,28 @@ def test_every_action_kind_has_a_sink_that_speaks_the_send_protocol(monkeypatch)
     for kind in kinds | {"invalid"}:
         sink = sinks[kind]
         assert callable(getattr(sink, "chunk", None)) and callable(getattr(sink, "send", None)), kind
+
+
+def test_a_loop_that_uses_neither_langsmith_nor_slack_never_imports_their_clients(tmp_path):
+    """The CLI's process imports the LangSmith client (0.4 s) and the Slack SDK (0.15 s) only for a loop that uses
+    them: not for the default run's modules, config check and sinks; the LangSmith `Run` model it does import."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "import flows.cli, flows.triage, flows.loop\n"
+        "from tasks.config import LoopConfig\n"
+        "from tasks.sinks.connections import sinks_for, validate\n"
+        "config = validate(LoopConfig())\n"
+        "sinks = sinks_for(config, None)\n"
+        "print(sorted(m for m in ('langsmith.client', 'langsmith.evaluation', 'slack_sdk', 'tasks.sinks.slack',\n"
+        "                         'tasks.sinks.langsmith') if m in sys.modules))\n"
+        "sinks['slack'].chunk(None, {'trace_id': None}, 1)  # a Slack message an on_failure asks for\n"
+        "print('slack_sdk' in sys.modules)\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith(("LANGSMITH_", "LANGCHAIN_"))}
+    answer = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert answer.returncode == 0, answer.stderr
+    assert answer.stdout.split("\n")[:2] == ["[]", "True"]

@@ -304,6 +304,11 @@ def evaluate_window(*, config: LoopConfig, window: WindowSpans, source_token: st
                                     unmapped(settings))
         spans = read_spans(window.path)  # while workers score
         score_files = [f.result() for f in track_batches(futures, window_start, score_paths)]
+    if len(batches) > workers:
+        # A worker keeps 100-200 MB of what its batches made (Python's heap does not shrink): a large window's
+        # workers would hold it through the window's analysis, the flow process's own peak. The next window
+        # forks new ones from the forkserver (milliseconds each).
+        shutdown_evaluation_pool()
     return ScoredWindow(
         window=window, window_end=window_end, spans=spans,
         scores=pa.concat_tables([pq.read_table(path) for path in score_files]),

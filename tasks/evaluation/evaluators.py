@@ -17,13 +17,13 @@ import difflib
 import hashlib
 import importlib
 import inspect
+import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from langsmith.evaluation.evaluator import EvaluationResult, RunEvaluator
 from langsmith.schemas import Run
 
 from tasks.config import ConfigError, EvaluatorConfig
@@ -222,7 +222,7 @@ def bind_evaluator(config: EvaluatorConfig) -> BoundEvaluator:
             except Exception as exc:
                 raise EvaluatorError(f"{label}: the factory failed with params {config.params}: {exc}") from None
             source += repr(sorted(config.params.items()))
-    if isinstance(target, RunEvaluator):
+    if _is_langsmith(target, "RunEvaluator"):
         is_async = bool(getattr(target, "is_async", False))
         return BoundEvaluator(config, target, "run_evaluator", (), is_async, _source_hash(target) + source)
     if not callable(target):
@@ -230,6 +230,13 @@ def bind_evaluator(config: EvaluatorConfig) -> BoundEvaluator:
     mode, wants = _signature_mode(target, label)
     is_async = inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(type(target).__call__)
     return BoundEvaluator(config, target, mode, wants, is_async, hashlib.sha256(source.encode()).hexdigest()[:16])
+
+
+def _is_langsmith(value: Any, name: str) -> bool:
+    """`isinstance(value, langsmith.evaluation.evaluator.<name>)`, without importing that module (with the SDK's
+    client, 0.4 s) in a process that never meets one: there is no such object before its module is imported."""
+    module = sys.modules.get("langsmith.evaluation.evaluator")
+    return module is not None and isinstance(value, getattr(module, name))
 
 
 # --- results -------------------------------------------------------------------------------------
@@ -266,7 +273,7 @@ def _from_dict(item: dict[str, Any], default_key: str) -> Result:
 
 
 def _one_result(item: Any, default_key: str) -> Result:
-    if isinstance(item, EvaluationResult):
+    if _is_langsmith(item, "EvaluationResult"):
         item = {"key": item.key, "score": item.score, "value": item.value, "comment": item.comment}
     if not isinstance(item, dict):
         raise ValueError(f"expected a dict or EvaluationResult, got {type(item).__name__}: {item!r:.80}")
@@ -285,7 +292,7 @@ def normalise_result(result: Any, default_key: str) -> list[Result]:
         return [Result(default_key, float(result), None, None, None)]
     elif kind is str:
         return [Result(default_key, None, result, None, None)]
-    elif isinstance(result, EvaluationResult):
+    elif _is_langsmith(result, "EvaluationResult"):
         return [_one_result(result, default_key)]
     elif isinstance(result, list) and result:
         return [_one_result(item, default_key) for item in result]

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from langsmith import Client
 from prefect.runtime import flow_run
 
 from tasks.config import (
@@ -32,13 +31,16 @@ from tasks.dispatch.follow_ups import Calls, Invalid
 from tasks.dispatch.ledger import ActionLog
 from tasks.evaluation.evaluators import import_ref
 from tasks.evaluation.scoring import bind_all
-from tasks.sinks.langsmith import LangSmithWriter
 from tasks.sinks.prefect_events import PrefectEvents
-from tasks.sinks.slack import Slack, SlackTarget, bot_target, webhook_target
 from tasks.sinks.webhook import Webhooks
 from tasks.sources.langsmith import project_id
 from tasks.sources.records import check_records_file
 from tasks.store import SnapshotStore
+
+if TYPE_CHECKING:  # the LangSmith and Slack SDKs load only for a loop that uses them (0.4 s and 0.15 s to import)
+    from langsmith import Client
+
+    from tasks.sinks.slack import SlackTarget
 
 
 def langsmith_client(credentials: str | None) -> Client:
@@ -72,6 +74,8 @@ def webhook_secret(rule: ActionConfig) -> str:
 
 def slack_target(rule: ActionConfig) -> SlackTarget:
     """The rule's target: its SlackWebhook `block`, its SlackCredentials `credentials`, else the environment."""
+    from tasks.sinks.slack import bot_target, webhook_target
+
     if rule.block:
         from prefect_slack import SlackWebhook
 
@@ -92,6 +96,31 @@ def slack_target(rule: ActionConfig) -> SlackTarget:
     return bot_target(token, rule.channel, rule.api_url)
 
 
+class Later:
+    """A sink made when a window first sends through it: a loop whose rules name no Slack target never imports
+    the Slack SDK, though an `on_failure` may still ask for a Slack message."""
+
+    def __init__(self, make: Any):
+        self._make, self._sink = make, None
+
+    def _made(self) -> Sink:
+        if self._sink is None:
+            self._sink = self._make()
+        return self._sink
+
+    def chunk(self, rule: Any, first: Action, total: int) -> int:
+        return self._made().chunk(rule, first, total)
+
+    def send(self, rule: Any, actions: list[Action], context: SendContext) -> list[Outcome]:
+        return self._made().send(rule, actions, context)
+
+
+def slack_sink(targets: dict[str, SlackTarget]) -> Sink:
+    from tasks.sinks.slack import Slack
+
+    return Slack(targets, slack_target)
+
+
 class Unavailable:
     """A sink that could not be made (no LangSmith API key): its actions fail with the reason."""
 
@@ -108,6 +137,8 @@ class Unavailable:
 def langsmith_sink(config: LoopConfig) -> Sink:
     """The LangSmith writer of the source's workspace; without an API key, only the actions a call asks for may
     need it, and they fail with the reason."""
+    from tasks.sinks.langsmith import LangSmithWriter
+
     credentials = config.source.credentials if isinstance(config.source, LangSmithSource) else None
     try:
         return LangSmithWriter(langsmith_client(credentials))
@@ -127,7 +158,8 @@ def sinks_for(config: LoopConfig, action_log: ActionLog | None) -> dict[str, Sin
         "log": action_log,
         "call": Calls(),
         "webhook": Webhooks({n: webhook_secret(r) for n, r in rules.items() if r.do == "webhook"}, webhook_secret),
-        "slack": Slack({n: slack_target(r) for n, r in rules.items() if r.do == "slack"}, slack_target),
+        "slack": (slack_sink({n: slack_target(r) for n, r in rules.items() if r.do == "slack"})
+                  if any(r.do == "slack" for r in rules.values()) else Later(lambda: slack_sink({}))),
         "prefect_event": PrefectEvents(),
         **dict.fromkeys(RUN_ACTIONS, langsmith),
         "invalid": Invalid(),

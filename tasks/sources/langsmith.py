@@ -24,11 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-from langsmith import Client
-from langsmith import utils as ls_utils
 
 from tasks.config import ConfigError, LangSmithSource, parse_duration
 
@@ -41,6 +39,9 @@ V1_PAGE = 100
 ATTEMPTS = 8
 RETRYABLE = (429, 500, 502, 503, 504)
 MIN_V2_VERSION = (0, 16, 0)
+
+if TYPE_CHECKING:  # the SDK loads only where LangSmith is used (its client, 0.4 s to import)
+    from langsmith import Client
 
 
 class LangSmithSourceError(ConfigError):
@@ -153,6 +154,8 @@ def project_id(client: Client, project: str) -> str:
 
 def trace_url_prefix(client: Client, project: Any) -> str:
     """The LangSmith UI address of a project's traces; append `<trace_id>?trace_id=<trace_id>`."""
+    from langsmith import utils as ls_utils
+
     return f"{ls_utils.get_host_url(None, client.api_url)}/o/{project.tenant_id}/projects/p/{project.id}/r/"
 
 
@@ -161,6 +164,8 @@ def meta_path(records_path: Path) -> Path:
 
 
 def source_project(client: Client, project: str) -> Any:
+    from langsmith import utils as ls_utils
+
     try:
         return client.read_project(project_name=project)
     except ls_utils.LangSmithNotFoundError:
