@@ -169,6 +169,10 @@ class RemoteServer:
     def add_feedback(self, items: list[dict]) -> None:
         self._call("feedback_extend", items)
 
+    @property
+    def requests(self) -> list:
+        return self._call("requests")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -215,6 +219,15 @@ def main() -> None:
               f"({queries} run queries, {limited} answered 429), run queries / floor = {queries / floor:.2f}; "
               f"{len(failing)} failing runs got feedback: {parts} multipart parts in {writes} write requests, "
               f"{writes / math.ceil(max(parts, 1) / 100):.2f}x the floor ceil({parts} / 100)")
+        print(f"  by route: {', '.join(f'{kind} {n}' for kind, n in sorted(counts.items()))}")
+        log = server.requests
+        first = min(r.time for r in log)
+        spans_by_kind: dict[str, list[float]] = {}
+        for r in log:
+            spans_by_kind.setdefault(r.kind, []).append(r.time - first)
+        print("  when (s after the first request, as the server logged them): " + "; ".join(
+            f"{kind} {min(times):.2f}-{max(times):.2f}" for kind, times in sorted(spans_by_kind.items(),
+                                                                                 key=lambda kv: min(kv[1]))))
         if args.skip_baseline:
             return
         server.reset_log()

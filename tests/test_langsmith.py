@@ -266,3 +266,42 @@ def test_windows_fetched_in_parallel_are_the_runs_of_one_stream_at_one_extra_pag
             sorted((tmp_path / "three.jsonl").read_text().splitlines())
         assert parallel.requests <= math.ceil(one.runs / 100) + 2 and one.requests == math.ceil(one.runs / 100)
         assert server.counts(429).total() == 0 and server.violations == []
+
+
+def test_feedback_sends_overlap_and_under_faults_each_feedback_lands_once(langsmith_env, tmp_path, monkeypatch):
+    """A window's feedback goes in several sends of 100 actions, up to four at once (each with its own ledger
+    entries as it ends); with a third of the requests failing, every feedback is there once."""
+    import threading
+
+    from tasks.sinks.langsmith import LangSmithWriter
+
+    records = generate_traces(450, seed=33, start=START, hours=1).records
+    in_flight, most, lock = [0], [0], threading.Lock()
+    send = LangSmithWriter.send
+
+    def counting(self, rule, actions, context):
+        with lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+        try:
+            return send(self, rule, actions, context)
+        finally:
+            with lock:
+                in_flight[0] -= 1
+
+    monkeypatch.setattr(LangSmithWriter, "send", counting)
+    config = loop().model_copy(update={"actions": loop().actions[:1]})  # feedback only
+    with LangSmithTestServer(api_key=KEY, fault_rate=0.3, seed=5, latency=0.1, time_factor=0.1) as server:
+        langsmith_env(server)
+        server.add_project(PROJECT, records)
+        (window,) = run(config, tmp_path)["windows"]
+        failing = window["failing_traces"]
+        assert failing > 100  # two sends or more
+        assert window["actions"]["sent"] == failing and window["actions"]["failed"] == 0
+        ids = [f["id"] for f in server.feedback]
+        assert len(ids) == len(set(ids)) == 2 * failing  # each failing run and its culprit span, once
+        assert Counter(r.kind for r in server.requests if r.fault)["runs_multipart"] > 0
+        assert most[0] >= 2
+        again = run(config, tmp_path)["windows"][0]
+        assert again["actions"]["sent"] == 0 and len(server.feedback) == 2 * failing
+        assert server.violations == []

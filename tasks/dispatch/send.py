@@ -10,7 +10,9 @@ ask for in `tasks.dispatch.follow_ups`, the sinks in `tasks.sinks.connections.si
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import replace
 from typing import Any
 
@@ -90,15 +92,17 @@ def dispatch_actions(config: LoopConfig, plan: Plan, ledger: Ledger, sinks: dict
     ledger.record_many([{"action_id": p["action_id"], "action": p["action"], "trace_id": p["trace_id"]}
                         for p in todo], "planned")
     loaded: list[dict[str, Any]] = []
+    loading = threading.Lock()  # sends in lanes ask at once
 
     def runs() -> dict[str, Any]:
         """The root runs of the window's actions and examples, read once, when a send first needs them."""
-        if not loaded:
-            trace_ids = {p["trace_id"] for p in plan.actions if p["trace_id"]}
-            if context.summary is not None:
-                trace_ids |= {t for r in context.summary.root_causes for t in r["example_trace_ids"]}
-            loaded.append(root_runs(window_spans_path, trace_ids,
-                                    with_children=any(rule.do == "call" for rule in config.actions)))
+        with loading:
+            if not loaded:
+                trace_ids = {p["trace_id"] for p in plan.actions if p["trace_id"]}
+                if context.summary is not None:
+                    trace_ids |= {t for r in context.summary.root_causes for t in r["example_trace_ids"]}
+                loaded.append(root_runs(window_spans_path, trace_ids,
+                                        with_children=any(rule.do == "call" for rule in config.actions)))
         return loaded[0]
 
     context = replace(context, runs=runs, tried_before=tried_before)
@@ -113,12 +117,17 @@ def dispatch_actions(config: LoopConfig, plan: Plan, ledger: Ledger, sinks: dict
             rule = rule_of(group[0])
             sink = sinks[rule.do if rule else "invalid"]
             size = sink.chunk(rule, group[0], len(group))
-            for begin in range(0, len(group), size):
-                chunk = group[begin:begin + size]
+            chunks = [group[begin:begin + size] for begin in range(0, len(group), size)]
+
+            def send(chunk: list[Action], sink: Sink = sink, rule: ActionConfig | None = rule) -> list[Outcome]:
                 try:
-                    outcomes = sink.send(rule, chunk, context)
+                    return sink.send(rule, chunk, context)
                 except Exception as exc:  # noqa: BLE001 - a sink that broke: recorded, tried again next run
-                    outcomes = [("failed", error_text(exc))] * len(chunk)
+                    return [("failed", error_text(exc))] * len(chunk)
+
+            # Sends of a sink that takes several at once (LangSmith feedback) overlap; each one's outcome still
+            # goes in the ledger as soon as that send is done, here, in this thread.
+            for chunk, outcomes in in_lanes(send, chunks, getattr(sink, "lanes", _one_lane)(rule)):
                 record_outcomes(ledger, counts, name, rule, chunk, outcomes)
                 done[0] += len(chunk)
                 report(stage, done[0], total[0])
@@ -144,6 +153,23 @@ def dispatch_actions(config: LoopConfig, plan: Plan, ledger: Ledger, sinks: dict
     carry_out(extra_todo, lambda a: extra_rules[a["action_id"]])
     ledger.compact()
     return counts
+
+
+def _one_lane(rule: ActionConfig | None) -> int:
+    return 1
+
+
+def in_lanes(send: Callable[[list[Action]], list[Outcome]], chunks: list[list[Action]],
+             lanes: int) -> Iterator[tuple[list[Action], list[Outcome]]]:
+    """(chunk, its outcomes) for each chunk as its send ends: with `lanes` > 1, that many sends at once."""
+    if lanes <= 1 or len(chunks) <= 1:
+        for chunk in chunks:
+            yield chunk, send(chunk)
+        return
+    with ThreadPoolExecutor(min(lanes, len(chunks)), thread_name_prefix="dispatch") as pool:
+        futures = {pool.submit(send, chunk): chunk for chunk in chunks}
+        for future in as_completed(futures):
+            yield futures[future], future.result()
 
 
 def record_outcomes(ledger: Ledger, counts: DispatchCounts, name: str, rule: ActionConfig | None,

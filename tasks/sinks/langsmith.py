@@ -10,6 +10,7 @@ requests; paced under LangSmith's limits (1,000 requests / 10 s for these routes
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 import warnings
@@ -28,6 +29,7 @@ from tasks.sources.langsmith import ATTEMPTS, RateLimiter
 
 FEEDBACK_LIMIT = (2000, 10.0)
 OTHER_LIMIT = (1000, 10.0)
+FEEDBACK_LANES = 4  # feedback sends at once: their latency overlaps; each still waits for its slot of the pace
 BATCH = 100  # actions per dispatch send (the ledger is written after each): feedback, one ingest request
 # Queue adds and examples per request: the spec sets no limit and the SDK sends a queue-add list whole (examples
 # it splits at 20 MB), so the ledger's granularity is what bounds them.
@@ -136,9 +138,16 @@ class LangSmithWriter:
         self._queues: dict[str, str] = {}
         self._queued: dict[str, set[str]] = {}
         self._datasets: dict[str, str] = {}
+        self._limits: tuple[int, int] | None = None
+        self._info_lock = threading.Lock()
 
     def chunk(self, rule: ActionConfig, first: Action, total: int) -> int:
         return batch_limit(rule.do)
+
+    def lanes(self, rule: ActionConfig) -> int:
+        """Sends at once: feedback writes are independent (ids are the action ids; the pace is shared); queue adds
+        and examples go one send at a time (the first may create the queue or dataset)."""
+        return FEEDBACK_LANES if rule.do == "feedback" else 1
 
     def send(self, rule: ActionConfig, actions: list[Action], context: SendContext) -> list[Outcome]:
         """The `feedback`, `annotation_queue` and `dataset` sinks."""
@@ -193,9 +202,14 @@ class LangSmithWriter:
         return outcomes  # type: ignore[return-value]
 
     def ingest_limits(self) -> tuple[int, int]:
-        """Parts and bytes per multipart ingest request, as the server's `/info` says (the SDK's defaults else)."""
-        config = getattr(self.client.info, "batch_ingest_config", None) or {}
-        return int(config.get("size_limit") or INGEST_PARTS), int(config.get("size_limit_bytes") or INGEST_BYTES)
+        """Parts and bytes per multipart ingest request, as the server's `/info` says (the SDK's defaults else):
+        asked once, though sends in lanes want it at once."""
+        with self._info_lock:
+            if self._limits is None:
+                config = getattr(self.client.info, "batch_ingest_config", None) or {}
+                self._limits = (int(config.get("size_limit") or INGEST_PARTS),
+                                int(config.get("size_limit_bytes") or INGEST_BYTES))
+            return self._limits
 
     def _ingest(self, parts: list[tuple[str, bytes]]) -> None:
         boundary = uuid.uuid4().hex
