@@ -196,6 +196,26 @@ def test_a_child_run_is_parsed_when_first_read_even_after_its_batch_is_closed(he
 
 
 
+def test_a_trace_whose_root_id_is_not_its_trace_id_still_gets_its_whole_tree():
+    """Trees are found by trace id, not by assuming a root's id is its trace's: an export whose root carries
+    another id still hands the evaluator every span of the trace."""
+    records = generate_traces(2, seed=5).records
+    root = next(r for r in records if r["parent_run_id"] is None)
+    old_id, new_id = root["id"], str(uuid.uuid4())
+    records = [{**r, "id": new_id, "dotted_order": r["dotted_order"].replace(old_id, new_id)} if r is root else r
+               for r in records]
+    spans = spans_from_records(records)[0]
+    rows = RunRows(spans)
+    i = spans.column("id").to_pylist().index(new_id)
+
+    def spans_below(run) -> list[str]:
+        return [str(c.id) for c in run.child_runs] + [s for c in run.child_runs for s in spans_below(c)]
+
+    members = {r["id"] for r in records if r["trace_id"] == old_id and r["id"] != new_id}
+    assert str(rows.run(i).trace_id) == old_id
+    assert members and sorted(spans_below(rows.run(i))) == sorted(members)
+
+
 def test_a_root_run_dumps_its_children_whole_as_plain_runs_would(healthy):
     """A parent's dump reads each child's fields itself (not through the child's `model_dump`): an unread child
     in it is read first, so the dump holds the same child as one built from its parsed record."""

@@ -332,7 +332,7 @@ def run_object(values: Iterable[tuple[str, Any]] | dict[str, Any], fields: dict[
 
 
 def unread_run_object(values: dict[str, Any], source: Any, row: int) -> Run:
-    """A `Run` of row `row` of `source` (a `tasks.evaluation.run_tree.TreeSource`) that holds only `values` (a
+    """A `Run` of row `row` of `source` (a `tasks.evaluation.scoring.RowSource`) that holds only `values` (a
     child's name and run_type, its `child_runs`) until more is used: most of the spans in a root's `child_runs`
     are passed over with a look at their name.
 

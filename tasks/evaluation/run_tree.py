@@ -46,8 +46,8 @@ class _Forest:
         rows, spans, roots = self.rows, self.rows.spans, self.roots
         is_root = spans.column("is_root").to_numpy(zero_copy_only=False)
         trace_ids = spans.column("trace_id")
-        root_ids = spans.column("id").take(pa.array(roots, pa.int64()))  # a root's id is its trace's
-        in_traces = pc.is_in(trace_ids, value_set=root_ids).to_numpy(zero_copy_only=False)
+        root_traces = trace_ids.take(pa.array(roots, pa.int64()))
+        in_traces = pc.is_in(trace_ids, value_set=root_traces).to_numpy(zero_copy_only=False)
         members = np.flatnonzero(in_traces & ~is_root)
         if len(members):
             members = members[pc.sort_indices(spans.column("dotted_order").take(pa.array(members))).to_numpy()]
@@ -55,7 +55,7 @@ class _Forest:
         # Each member's parent among the members, else (its parent is the root, or not among the trace's spans:
         # it still belongs to the trace) its root.
         parent = pc.index_in(taken.column("parent_run_id"), value_set=taken.column("id")).fill_null(-1)
-        root = pc.index_in(taken.column("trace_id"), value_set=root_ids).to_pylist()
+        root = pc.index_in(taken.column("trace_id"), value_set=root_traces).to_pylist()
         children, lists = rows.tree_runs(members.tolist(), taken.column("name").to_pylist(),
                                          taken.column("run_type").to_pylist())
         root_lists = [self.children[i] for i in roots]
