@@ -252,7 +252,7 @@ def _local_server() -> local_api.LocalServer | None:
         return None
     server, started = local_api.ensure_started()
     if started:
-        first = " (first run: migrating its database)" if server.migrating else ""
+        first = f" (first run: {server.first_run})" if server.first_run else ""
         print(f"starting the local Prefect API at {server.url}{first}; allowing up to "
               f"{local_api.startup_allowance():.0f} s", file=sys.stderr)
     return server

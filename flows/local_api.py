@@ -27,6 +27,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from flows import prefect_schema
+
 STARTUP_ALLOWANCE = 300.0  # seconds; a fresh home on a busy 2-core machine took 38 s, so be generous
 STOP_ALLOWANCE = 15.0
 KILL_ALLOWANCE = 5.0  # for a SIGKILLed process to be gone
@@ -51,7 +53,7 @@ class LocalServer:
     pid: int
     port: int
     home: Path
-    migrating: bool = False  # started on a home without a database: it migrates one first
+    first_run: str = ""  # started on a home without a database: what it does first (e.g. "migrating its database")
 
     @property
     def url(self) -> str:
@@ -168,14 +170,17 @@ def ensure_started() -> tuple[LocalServer, bool]:
         with contextlib.suppress(OSError, ValueError, KeyError):
             previous = int(json.loads(state.read_text())["port"])
         port = _free_port(int(os.environ.get("TRACETRIAGE_SERVER_PORT") or 0) or previous)
-        migrating = not (home / "home" / "prefect.db").exists()
+        database, first_run = home / "home" / "prefect.db", ""
+        if not database.exists():
+            first_run = ("creating its database" if prefect_schema.create(database)
+                         else "migrating its database")
         with open(home / "server.log", "ab") as log:
             process = subprocess.Popen(
                 [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                 env=_server_env(home), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True, cwd=home)
         state.write_text(json.dumps({"pid": process.pid, "port": port}))
-        return LocalServer(pid=process.pid, port=port, home=home, migrating=migrating), True
+        return LocalServer(pid=process.pid, port=port, home=home, first_run=first_run), True
 
 
 def stop() -> LocalServer | None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 from pathlib import Path
+from unittest import mock
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
@@ -20,6 +22,7 @@ import pytest  # noqa: E402
 from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
+from flows import prefect_schema  # noqa: E402
 from tasks.sources.sample import generate_traces, write_sample  # noqa: E402
 from tests.moto_s3 import MOTO_KEY, MOTO_SECRET  # noqa: E402
 
@@ -41,8 +44,23 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory):
     results = tmp_path_factory.mktemp("prefect-results")
     # No heartbeat thread: it makes every flow run wait ~1 s at its end, and tests do not crash-detect.
     with temporary_settings(updates={PREFECT_RESULTS_LOCAL_STORAGE_PATH: results, "flows.heartbeat_frequency": None}):
-        with prefect_test_harness(server_startup_timeout=180):  # a loaded machine took 107 s (-n 2: two at once)
+        with _harness_database_from_stored_schema(), prefect_test_harness(server_startup_timeout=180):
             yield
+
+
+def _harness_database_from_stored_schema():
+    """The harness's server makes its database in a new `mkdtemp()` directory: create it there from the stored
+    schema, as the CLI's local server does, so that each test worker's server skips Prefect's migrations
+    (~10 s of CPU each; a loaded machine once took 107 s to start two at once). Should Prefect rename the file,
+    its server migrates as before."""
+    from prefect.testing import utilities
+
+    def mkdtemp_with_database() -> str:
+        path = tempfile.mkdtemp()
+        prefect_schema.create(Path(path) / "prefect-test.db")
+        return path
+
+    return mock.patch.object(utilities, "mkdtemp", mkdtemp_with_database)
 
 
 @pytest.fixture(scope="session")

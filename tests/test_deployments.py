@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from flows import prefect_schema
 from tasks.dispatch.ledger import read_ledger
 from tasks.sources.sample import SAMPLE_START, generate_traces, write_sample
 from tasks.store import SnapshotStore
@@ -55,6 +56,7 @@ def running_prefect_server(root: Path) -> Iterator[dict]:
     base["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     api = f"http://127.0.0.1:{port}/api"
     server_env = {**base, "PREFECT_HOME": str(root / "server-home"), "PREFECT_UI_API_URL": api}  # for a browser
+    prefect_schema.create(root / "server-home" / "prefect.db")  # as the CLI's local server starts (no migrating)
     log = open(root / "server.log", "wb")
     server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                               env=server_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -93,7 +93,7 @@ def test_the_cli_starts_a_local_server_on_first_use_reuses_it_and_server_stop_st
     try:
         first = _cli(env, "run", "--source", str(runs), "--out", str(tmp_path / "out-1"))
         assert first.returncode == 0, first.stderr
-        assert (f"starting the local Prefect API at http://127.0.0.1:{port} (first run: migrating its database)"
+        assert (f"starting the local Prefect API at http://127.0.0.1:{port} (first run: creating its database)"
                 in first.stderr)
         server = json.loads(state.read_text())
         assert server["port"] == port and _alive(server["pid"])
