@@ -95,6 +95,7 @@ def test_the_cli_starts_a_local_server_on_first_use_reuses_it_and_server_stop_st
         assert first.returncode == 0, first.stderr
         assert (f"starting the local Prefect API at http://127.0.0.1:{port} (first run: creating its database)"
                 in first.stderr)
+        assert "Warning" not in first.stderr  # e.g. runpy's, from each evaluation worker of `python -m flows.cli`
         server = json.loads(state.read_text())
         assert server["port"] == port and _alive(server["pid"])
 

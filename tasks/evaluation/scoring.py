@@ -17,6 +17,7 @@ import signal
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -55,6 +56,13 @@ _RUN_FIELDS = ("id", "name", "run_type", "error", "status", "trace_id", "dotted_
 _RUN_FIELD_SET = frozenset(_RUN_FIELDS)
 _UUIDS = frozenset(("id", "trace_id", "parent_run_id", "session_id"))
 _EPOCH = datetime(1970, 1, 1, tzinfo=ZoneInfo("UTC"))  # the tzinfo Arrow gives a UTC timestamp
+
+# Each worker of `python -m flows.cli` runs that module again as "__mp_main__" (multiprocessing's way to give a
+# worker the main module's names), and runpy warns on stderr that the forkserver, which preloads it, has it
+# imported already. Harmless (the module only defines; its `__main__` guard does not run), so not shown: the
+# forkserver imports this module, and its workers inherit the filter.
+warnings.filterwarnings("ignore", message=r"'[\w.]+' found in sys\.modules after import of package",
+                        category=RuntimeWarning, module="runpy")
 
 
 class RunRows:
