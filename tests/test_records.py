@@ -139,3 +139,20 @@ def test_spans_whose_trace_root_is_missing_are_skipped_and_counted_in_their_wind
     assert fetched.skipped[ORPHAN]["count"] == len(orphans) > 0
     assert sum(w.orphans for w in fetched.windows) == len(orphans)
     assert sum(w.traces for w in fetched.windows) == len(root_ids) - 1
+
+
+@pytest.mark.parametrize("piece", [97, 4096, 1 << 25])  # shorter than a line; a few lines; the whole file
+def test_a_file_read_in_pieces_of_any_size_gives_the_same_spans(sample, tmp_path, monkeypatch, piece):
+    """Lines that cross a piece's end, a piece with no line end in it, CRLF, a blank line and a last line
+    without a newline: the same spans and record offsets whatever the piece size."""
+    from tasks.sources import records
+
+    path = tmp_path / "pieces.jsonl"
+    lines = [orjson.dumps(r) for r in sample.records]
+    path.write_bytes(b"\r\n".join(lines[:7]) + b"\r\n\n" + b"\n".join(lines[7:]))
+    whole, skipped, _ = load_spans(path)
+    monkeypatch.setattr(records._chunks, "__defaults__", (piece,))
+    pieces, skipped_in_pieces, _ = load_spans(path)
+    assert skipped.total == skipped_in_pieces.total == 0
+    assert pieces.equals(whole) and whole.num_rows == len(sample.records)
+    assert [b for _, b in records._chunks(path)] and b"".join(b for _, b in records._chunks(path)) == path.read_bytes()

@@ -140,28 +140,40 @@ CHUNK = 1 << 25  # bytes of the source read and parsed at a time
 
 
 def _chunks(path: Path, size: int = CHUNK) -> Any:
-    """(byte offset, bytes) of consecutive pieces of the file, each ending at a newline (or the file's end).
+    """(byte offset, bytearray) of consecutive pieces of the file, each ending at a newline (or the file's end).
 
     Read, not memory-mapped: the pages of a mapped file count in the process's RSS once touched, and a 615 MB
-    source would add its whole size to the peak."""
-    with open(path, "rb") as handle:
+    source would add its whole size to the peak. Read into the piece itself, after the last piece's unfinished
+    line: a piece is never copied whole (two copies of each were a fifth of a 30,000-trace file's parse)."""
+    with open(path, "rb", buffering=0) as handle:
         offset, carry = 0, b""
-        while piece := handle.read(size):
-            piece = carry + piece
-            cut = piece.rfind(b"\n") + 1
-            if cut == 0:
-                carry = piece
+        while True:
+            piece = bytearray(len(carry) + size)
+            piece[:len(carry)] = carry
+            with memoryview(piece) as view:
+                got = handle.readinto(view[len(carry):])
+            end = len(carry) + got
+            cut = piece.rfind(b"\n", 0, end) + 1
+            if not got or cut == 0:
+                carry = bytes(piece[:end])
+                if not got:
+                    break
                 continue
-            yield offset, piece[:cut]
-            offset, carry = offset + cut, piece[cut:]
+            carry = bytes(piece[cut:end])
+            del piece[cut:]
+            yield offset, piece
+            offset += cut
         if carry:
-            yield offset, carry
+            yield offset, bytearray(carry)
 
 
 def _line_spans(piece: bytes, offset: int, first_line: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Byte offset, length and 1-based line number of every non-empty line of a piece; the piece's line count."""
-    data = np.frombuffer(piece, dtype=np.uint8)
-    newlines = np.flatnonzero(data == 10)
+    newlines, find, at = [], piece.find, piece.find(b"\n")
+    while at >= 0:  # memchr, line by line: 3x faster than numpy's comparison of every byte
+        newlines.append(at)
+        at = find(b"\n", at + 1)
+    newlines = np.array(newlines, dtype=np.int64)
     ends = newlines if piece.endswith(b"\n") else np.r_[newlines, len(piece)]
     begin = np.r_[0, ends[:-1] + 1].astype(np.int64) if len(ends) else np.zeros(0, np.int64)
     length = ends.astype(np.int64) - begin
