@@ -74,8 +74,9 @@ def dump(database: Path) -> str:
         return "\n".join(db.iterdump()) + "\n"
 
 
-def migrate_from_empty(home: Path) -> Path:
-    """Have the installed Prefect migrate a new database in `home` (its PREFECT_HOME); returns the database."""
+def upgrade(home: Path) -> Path:
+    """Have the installed Prefect migrate the database in `home` (its PREFECT_HOME) to its newest revision, from
+    empty when there is none, as its server does on start; returns the database."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     subprocess.run([sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"],
                    env={**env, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"},
@@ -88,7 +89,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tracetriage-schema-") as home:
         header = (f"-- The database Prefect {version('prefect')}'s migrations build from empty, written by\n"
                   "-- `python -m flows.prefect_schema`: do not edit (flows/prefect_schema.py says why).\n")
-        SCHEMA.write_text(header + dump(migrate_from_empty(Path(home))))
+        SCHEMA.write_text(header + dump(upgrade(Path(home))))
     print(f"wrote {SCHEMA} (alembic revision {revision()})")
 
 

@@ -152,17 +152,15 @@ def _chunks(path: Path, size: int = CHUNK) -> Any:
             piece[:len(carry)] = carry
             with memoryview(piece) as view:
                 got = handle.readinto(view[len(carry):])
+            if not got:
+                break
             end = len(carry) + got
             cut = piece.rfind(b"\n", 0, end) + 1
-            if not got or cut == 0:
-                carry = bytes(piece[:end])
-                if not got:
-                    break
-                continue
-            carry = bytes(piece[cut:end])
-            del piece[cut:]
-            yield offset, piece
-            offset += cut
+            carry = bytes(piece[cut:end])  # the unfinished line (all of it when the piece has no line end)
+            if cut:
+                del piece[cut:]
+                yield offset, piece
+                offset += cut
         if carry:
             yield offset, bytearray(carry)
 
