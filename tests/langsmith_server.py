@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import bisect
+import contextlib
 import json
 import math
 import random
@@ -231,6 +232,7 @@ class RequestRecord:
     status: int | None  # None: the connection was dropped
     time: float
     fault: str | None = None
+    sort_order: str | None = None  # a run query's, when it asked for one
 
 
 @dataclass
@@ -327,7 +329,9 @@ class LangSmithTestServer:
         version, instance_flags: what `/info` says (flags are merged over the ones v1/v2 imply).
         latency: seconds added to every request.
         fault_rate, fault_kinds, seed: that share of requests fails with one of `fault_kinds`
-            ("429", "500", "502", "503", "drop"), drawn from `random.Random(seed)`, before any side effect.
+            ("429", "500", "502", "503", "drop"), drawn from a `random.Random` per route seeded from `seed` (so
+            which of a route's requests fail does not hang on how other routes' requests interleave with them),
+            before any side effect.
         rate_limits: enforce `RATE_LIMITS` per API key (sliding windows).
         time_factor: scales rate-limit windows and Retry-After values, so tests stay fast.
     """
@@ -358,7 +362,8 @@ class LangSmithTestServer:
         self.latency, self.fault_rate, self.fault_kinds = latency, fault_rate, tuple(fault_kinds)
         self.rate_limits, self.time_factor = rate_limits, time_factor
         self.spec = load_spec(str(spec_path))
-        self._rng = random.Random(seed)
+        self._rngs: dict[str, random.Random] = {}
+        self._seed = seed
         self._lock = threading.RLock()
         self._windows: dict[tuple[str, str], deque[float]] = defaultdict(deque)
         self._http: ThreadingHTTPServer | None = None
@@ -480,11 +485,16 @@ class LangSmithTestServer:
             time.sleep(self.latency)
         with self._lock:
             self.requests.append(record)
-            fault = self._rng.choice(self.fault_kinds) if self._rng.random() < self.fault_rate else None
+            kind = record.kind
+            rng = self._rngs.setdefault(kind, random.Random(f"{self._seed}/{kind}"))
+            fault = rng.choice(self.fault_kinds) if rng.random() < self.fault_rate else None
             record.fault = fault
             if fault == "drop":
                 handler.close_connection = True  # close the socket without a response
                 return
+            if route is not None and route.kind == "runs_query_v2":
+                with contextlib.suppress(ValueError, AttributeError):
+                    record.sort_order = json.loads(raw).get("sort_order")
             status, payload, headers = self._respond(handler, route, params, parse_qs(split.query), raw, fault)
             record.status = status
             if route is not None and self.lose_answers[route.kind] > 0:  # done, but the client never hears

@@ -221,12 +221,14 @@ def _v2_runs(client: Client) -> Any:
     return client._get_langsmith_api_sync().with_options(max_retries=0).runs
 
 
-def _v2_pages(client: Client, limiter: RateLimiter, query: dict[str, Any], stats: FetchStats) -> Iterator[list[dict]]:
-    """`POST /v2/runs/query` pages; 429 (pausing for Retry-After), 5xx and dropped connections are retried."""
+def _v2_pages(client: Client, limiter: RateLimiter, query: dict[str, Any], stats: FetchStats,
+              stop: Callable[[], bool] = lambda: False) -> Iterator[tuple[list[dict], bool]]:
+    """`POST /v2/runs/query` pages, each with whether another follows, until the last one or until `stop()` says
+    so before a request; 429 (pausing for Retry-After), 5xx and dropped connections are retried."""
     from langsmith._exceptions import APIConnectionError, APIStatusError
 
     runs, cursor = _v2_runs(client), None
-    while True:
+    while not stop():
         for attempt in range(ATTEMPTS):
             stats.requests += 1
             try:
@@ -247,10 +249,67 @@ def _v2_pages(client: Client, limiter: RateLimiter, query: dict[str, Any], stats
         # The page as JSON, not as the SDK's models: building 1,000 of them and dumping them again cost 0.14 s of
         # CPU per page; the records are the same (the models' dump leaves out what is null).
         page = orjson.loads(answer.http_response.content)
-        yield [{k: v for k, v in run.items() if v is not None} for run in page["items"]]
         cursor = page.get("next_cursor")
+        yield [{k: v for k, v in run.items() if v is not None} for run in page["items"]], bool(cursor)
         if not cursor:
             return
+
+
+def _from_both_ends(client: Client, limiter: RateLimiter, query: dict[str, Any], bounds: tuple[datetime, datetime],
+                    end: datetime, stats: tuple[FetchStats, FetchStats], on_page: Callable[[list[dict]], None]) -> None:
+    """One window's runs (roots starting before `end`, their children up to `bounds[1]`) by two cursors at once,
+    newest first and oldest first, until they meet.
+
+    Cursors chain each page to the one before, so one cursor reads a window a page at a time. A second cursor,
+    oldest first, starts once the newest-first pages say more follow, and only when the pages the window seems to
+    hold (from how densely the runs read so far fill the window's time) fit in the rate limit's window: beyond
+    that the limit sets the pace, and a request more could cost a whole window of it. The newest-first cursor has
+    every run newer than the lowest start it has reached, the oldest-first one every run older than the highest
+    it has reached: once the second passes the first, together they have them all and both stop. The price is
+    the request in flight when they met: at most one more than the floor.
+    """
+    low, high = bounds
+    lock = threading.Lock()
+    frontier: dict[str, datetime | None] = {"DESC": None, "ASC": None}
+    finished = threading.Event()
+    upward: list[Any] = []
+    judged = {"pages": 0, "in_window": 0, "done": False}
+
+    def met() -> bool:
+        down, up = frontier["DESC"], frontier["ASC"]
+        return finished.is_set() or (down is not None and up is not None and up > down)
+
+    def follow(order: str) -> None:
+        try:
+            # The SDK's query_v2 has no sort_order argument (the spec has): it goes as an extra body field.
+            ordered = {**query, "extra_body": {"sort_order": order}} if order == "ASC" else query
+            for page, more in _v2_pages(client, limiter, ordered, stats[1 if order == "ASC" else 0], stop=met):
+                with lock:
+                    if page:
+                        frontier[order] = _start(page[-1])
+                    on_page(page)
+                if order == "DESC" and more and page and not judged["done"]:
+                    judge(page)
+        finally:
+            finished.set()  # this end reached the other end of the range, or failed: the other stops too
+
+    def judge(page: list[dict]) -> None:
+        """Whether to start the oldest-first cursor, once the pages read reach half a page into the window."""
+        reached = _start(page[-1])
+        judged["pages"] += 1
+        judged["in_window"] += sum(_start(run) < end for run in page)
+        if judged["in_window"] < query["page_size"] / 2 or reached <= low:
+            return  # still in the grace period after the window (or a sparse start): too little to judge by
+        judged["done"] = True
+        density = judged["in_window"] / max((end - reached).total_seconds(), 1e-3)
+        pages = judged["pages"] + density * (reached - low).total_seconds() / query["page_size"]
+        if pages <= limiter.requests:
+            upward.append(pool.submit(follow, "ASC"))
+
+    with ThreadPoolExecutor(1) as pool:
+        follow("DESC")
+        for future in upward:
+            future.result()
 
 
 def sub_ranges(
@@ -268,27 +327,38 @@ def sub_ranges(
 
 
 def _stream(client: Client, source: LangSmithSource, limiter: RateLimiter, pid: str, api: str,
-            bounds: tuple[datetime, datetime], stats: FetchStats,
-            on_page: Callable[[], None]) -> list[dict[str, Any]]:
+            bounds: tuple[datetime, datetime], stats: tuple[FetchStats, FetchStats],
+            on_page: Callable[[], None], end: datetime | None = None) -> list[dict[str, Any]]:
+    """The runs starting in `bounds` (a run may come twice); with the `end` of the window's roots (v2 only), by
+    two cursors at once (`_from_both_ends`), `stats[1]` counting the second's requests."""
     low, high = bounds
+    runs: list[dict[str, Any]] = []
+    seen: set[str] = set()
+
+    def keep(page: list[dict[str, Any]]) -> None:
+        runs.extend(page)
+        seen.update(run["id"] for run in page)
+        stats[0].runs = len(seen)
+        on_page()
+
     extra = [field for field, wanted in (("feedback_stats", source.feedback_stats),
                                          ("reference_example_id", source.experiment)) if wanted]
     if api == "v2":
         query = {"project_ids": [pid], "min_start_time": _iso(low), "max_start_time": _iso(high),
                  "selects": V2_SELECTS + [f.upper() for f in extra], "page_size": source.page_size}
         query.update({k: v for k, v in (("filter", source.filter), ("trace_filter", source.trace_filter)) if v})
-        pages = _v2_pages(client, limiter, query, stats)
+        if end is not None:
+            _from_both_ends(client, limiter, query, bounds, end, stats, keep)
+            return runs
+        pages = (page for page, _ in _v2_pages(client, limiter, query, stats[0]))
     else:
         # v1's start_time / end_time bound the runs' start times.
         body = {"session": [pid], "start_time": _iso(low), "end_time": _iso(high), "select": V1_SELECT + extra,
                 "limit": V1_PAGE}
         body.update({k: v for k, v in (("filter", source.filter), ("trace_filter", source.trace_filter)) if v})
-        pages = _v1_pages(client, limiter, body, stats)
-    runs: list[dict[str, Any]] = []
+        pages = _v1_pages(client, limiter, body, stats[0])
     for page in pages:
-        runs.extend(page)
-        stats.runs = len(runs)
-        on_page()
+        keep(page)
     return runs
 
 
@@ -306,12 +376,13 @@ def fetch_runs(
     project = source_project(client, source.project)
     pid, api = str(project.id), choose_api(client, source)
     ranges = sub_ranges(start, end, end + parse_duration(source.grace), window)
-    streams = [FetchStats(api=api) for _ in ranges]
+    streams = [(FetchStats(api=api), FetchStats(api=api)) for _ in ranges]
+    counted = [s for pair in streams for s in pair]
 
     def total() -> FetchStats:
-        return FetchStats(requests=sum(s.requests for s in streams), retries=sum(s.retries for s in streams),
-                          runs=sum(s.runs for s in streams), api=api,
-                          rate_limited=sum(s.rate_limited for s in streams))
+        return FetchStats(requests=sum(s.requests for s in counted), retries=sum(s.retries for s in counted),
+                          runs=sum(s.runs for s in counted), api=api,
+                          rate_limited=sum(s.rate_limited for s in counted))
 
     def report_page() -> None:
         if on_page:
@@ -319,14 +390,19 @@ def fetch_runs(
 
     try:
         with ThreadPoolExecutor(max(1, min(parallel, len(ranges)))) as pool:
+            # One window's range (a scheduled run's) is fetched from both ends; several windows, in parallel.
             parts = list(pool.map(lambda i: _stream(client, source, limiter, pid, api, ranges[i], streams[i],
-                                                    report_page), range(len(ranges))))
+                                                    report_page, end if len(ranges) == 1 else None),
+                                  range(len(ranges))))
     except Exception as exc:
         raise LangSmithFetchError(f"fetching runs of {source.project!r} from {client.api_url} failed after "
                                    f"{total().requests} requests: {type(exc).__name__}: {exc}") from exc
-    runs = list({run["id"]: run for part in parts for run in part}.values())  # v1 bounds are inclusive
+    # Once each (v1 bounds are inclusive, and two cursors may both bring the runs where they met), newest first
+    # however the range was cut: the same runs make the same file.
+    unique = {run["id"]: run for part in parts for run in part}.values()
+    runs = sorted(unique, key=lambda run: (_start(run), str(run["id"])), reverse=True)
     if source.experiment:
-        attach_examples(client, runs, project.reference_dataset_id, stats=streams[0])
+        attach_examples(client, runs, project.reference_dataset_id, stats=streams[0][0])
     stats = total()
     stats.runs = len(runs)
     write_complete_traces(runs, start, end, out)
