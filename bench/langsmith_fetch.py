@@ -16,6 +16,10 @@ feedback 2,000 / 10 s, others 1,000 / 10 s; `--time-factor` < 1 shortens the win
 Prints, for both: requests made by route, wall time, and the run-query requests against
 the floor `ceil(spans / page_size)` (page size 1,000 for v2).
 
+The server checks each of its answers against the OpenAPI spec, as in the tests; that check is its own
+cost (about 0.2 s per page of 1,000 runs, most of a page's time here), not LangSmith's. `--no-answer-check`
+turns it off, to see tracetriage's time against a server whose speed is not the stand-in's.
+
 With `--feedback-scores`, every root run first gets a `correctness` feedback (as an online
 evaluator would have written it) and the loop's only evaluator is
 `langsmith:feedback/correctness`: the requests it makes are counted against the same floor
@@ -180,6 +184,9 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.05)
     parser.add_argument("--time-factor", type=float, default=1.0)
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--no-answer-check", action="store_true",
+                        help="the test server does not check its answers against the spec (its own cost, ~0.2 s "
+                             "per page of 1,000 runs, most of a page's time): LangSmith's speed, not the stand-in's")
     parser.add_argument("--feedback-scores", action="store_true",
                         help="only the loop on scores already in LangSmith (langsmith:feedback/<key>)")
     args = parser.parse_args()
@@ -198,12 +205,13 @@ def main() -> None:
     spans = len(records)
     floor = math.ceil(spans / 1000)
     print(f"{args.traces:,} traces, {spans:,} spans; latency {args.latency * 1000:.0f} ms per request; "
-          f"rate limits x{args.time_factor:g} of LangSmith Cloud's")
+          f"rate limits x{args.time_factor:g} of LangSmith Cloud's; the server "
+          f"{'does not check' if args.no_answer_check else 'checks'} its answers against the spec")
     print(f"run-query floor: ceil({spans:,} / 1000) = {floor} queries "
           f"({math.ceil(floor / 15) - 1} rate-limit waits of {10 * args.time_factor:g} s)")
     with prefect_test_harness(server_startup_timeout=60), \
-            RemoteServer(api_key=KEY, latency=args.latency, rate_limits=True,
-                         time_factor=args.time_factor) as server:
+            RemoteServer(api_key=KEY, latency=args.latency, rate_limits=True, time_factor=args.time_factor,
+                         check_answers=not args.no_answer_check) as server:
         os.environ["LANGSMITH_ENDPOINT"], os.environ["LANGSMITH_API_KEY"] = server.url, KEY
         server.add_project(PROJECT, records)
         if args.feedback_scores:

@@ -133,7 +133,7 @@ def test_a_rerun_after_a_crash_between_the_sends_and_their_ledger_entries_adds_n
 @pytest.mark.parametrize("api", ["v2", "v1"])
 def test_with_a_fifth_of_requests_failing_the_result_is_the_same_as_a_clean_run(records, langsmith_env, tmp_path,
                                                                                   clean, api):
-    with LangSmithTestServer(api_key=KEY, fault_rate=0.3, seed=8, v2=api == "v2", time_factor=0.1) as server:
+    with LangSmithTestServer(api_key=KEY, fault_rate=0.3, seed=18, v2=api == "v2", time_factor=0.1) as server:
         langsmith_env(server)
         server.add_project(PROJECT, records)
         result = run(loop(api="auto"), tmp_path)

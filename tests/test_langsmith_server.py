@@ -225,6 +225,21 @@ def test_spec_violations_are_rejected_and_recorded(server: LangSmithTestServer, 
     server.reset_log()
 
 
+def test_without_the_answer_check_requests_are_still_checked_and_answers_not() -> None:
+    """`check_answers=False` (a benchmark's LangSmith speed): the broken record goes out unremarked; a request
+    that breaks the spec is still refused and recorded."""
+    bad = {**SAMPLE.records[0], "id": str(uuid.uuid4()), "total_tokens": "many"}
+    bad["dotted_order"], bad["trace_id"] = bad["dotted_order"][:22] + bad["id"], bad["id"]
+    with LangSmithTestServer(api_key=KEY, check_answers=False) as server:
+        server.add_project("broken", [bad])
+        assert httpx.post(server.url + "/runs/query", headers={"X-API-Key": KEY},
+                          json={"trace": bad["id"]}).json()["runs"][0]["total_tokens"] == "many"
+        assert server.violations == []
+        assert httpx.post(server.url + "/api/v2/runs/query", headers={"X-API-Key": KEY},
+                          json={"project_ids": ["x"], "page_size": 5000}).status_code == 422
+        assert [v["direction"] for v in server.violations] == ["request"]
+
+
 def test_the_spec_copy_in_tests_data_is_the_shared_one():
     from tests.langsmith_server import SHARED_SPEC, SPEC_COPY
 
