@@ -83,6 +83,19 @@ def test_every_action_kind_has_a_sink_that_speaks_the_send_protocol(monkeypatch)
         assert callable(getattr(sink, "chunk", None)) and callable(getattr(sink, "send", None)), kind
 
 
+def test_the_evaluation_workers_code_imports_neither_prefect_nor_pandas():
+    """The forkserver imports the scoring code once and every worker forks from it: Prefect (1 s) and pandas
+    (0.3 s, ~15 MB a process) are the flow process's, not a worker's."""
+    import subprocess
+    import sys
+
+    script = ("import sys, tasks.evaluation.scoring\n"
+              "print(sorted({m.split('.')[0] for m in sys.modules} & {'prefect', 'pandas'}))")
+    answer = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert answer.returncode == 0, answer.stderr
+    assert answer.stdout.strip() == "[]"
+
+
 def test_a_loop_that_uses_neither_langsmith_nor_slack_never_imports_their_clients(tmp_path):
     """The CLI's process imports the LangSmith client (0.4 s) and the Slack SDK (0.15 s) only for a loop that uses
     them: not for the default run's modules, config check and sinks; the LangSmith `Run` model it does import."""
