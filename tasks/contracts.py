@@ -16,14 +16,12 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypedDict
+from typing import Any, Protocol, TypedDict
 
+import pandas as pd
 import pyarrow as pa
 
 from tasks.schemas import ATTRIBUTION, PATTERNS, ROOT_CAUSES, frame_table
-
-if TYPE_CHECKING:  # annotations only: evaluation workers, which import this, need no pandas
-    import pandas as pd
 
 Outcome = tuple[str, Any]  # what one send did for one action: ("sent", response) or ("failed", reason)
 MIN_LIFT = 1.2  # a pattern is a failure mode when it is at least this much more common among failures than passes
