@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from prefect._internal.analytics.ci_detection import CI_ENV_VARS  # where Prefect's SDK is silent anyway
 from prefect.settings import PREFECT_API_URL
 
 from flows.cli import main
@@ -146,11 +147,37 @@ def _kill_9_during_a_run(env: dict[str, str], runs: Path, out: Path) -> list[str
             os.kill(pid, signal.SIGKILL)
 
 
-def test_a_configured_prefect_api_url_is_used_and_no_server_is_started(runs, tmp_path):
+def _cli_on_a_terminal(env: dict[str, str], *args: str) -> tuple[int, str]:
+    """Run the CLI with stdout and stderr on a pseudo-terminal, as a user's shell would; its exit code and
+    what it printed."""
+    main_end, child_end = os.openpty()
+    cli = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                           stdout=child_end, stderr=child_end)
+    os.close(child_end)
+    printed = bytearray()
+    while True:  # read as it prints, or a full terminal buffer would stall it
+        try:
+            chunk = os.read(main_end, 65536)
+        except OSError:  # EIO: every writer has closed the terminal
+            break
+        if not chunk:
+            break
+        printed += chunk
+    os.close(main_end)
+    return cli.wait(timeout=300), printed.decode(errors="replace")
+
+
+def test_a_configured_prefect_api_url_is_used_and_no_server_is_started_nor_telemetry_on_a_terminal(runs, tmp_path):
+    # On a terminal, on a new Prefect home, and not in CI, Prefect's SDK prints a usage-data notice at import and
+    # queues usage events for its analytics service; the CLI sets DO_NOT_TRACK=1 (unless set), which turns both
+    # off. (Prefect still keeps its milestone marks and a device id under PREFECT_HOME/.sdk_telemetry.)
+    env = {k: v for k, v in _env(tmp_path, PREFECT_API_URL=PREFECT_API_URL.value()).items()
+           if k not in CI_ENV_VARS and k != "DO_NOT_TRACK"}
     out = tmp_path / "out"
-    done = _cli(_env(tmp_path, PREFECT_API_URL=PREFECT_API_URL.value()), "run", "--source", str(runs),
-                "--out", str(out))
-    assert done.returncode == 0, done.stderr
-    assert "local Prefect" not in done.stderr
+    code, printed = _cli_on_a_terminal(env, "run", "--source", str(runs), "--out", str(out))
+    assert code == 0, printed
+    assert "local Prefect" not in printed
     assert not (tmp_path / "data" / "prefect-server" / "server.json").exists()
     assert {r["state_type"] for r in _runs_of_out(PREFECT_API_URL.value(), out)} == {"COMPLETED"}
+    assert "usage data" not in printed and "DO_NOT_TRACK" not in printed
+
