@@ -376,7 +376,7 @@ COMMANDS = {"run": run_command, "sample": sample_command, "report": report_comma
 
 def main(argv: list[str] | None = None) -> int:
     # Offline by default: no usage data from the local Prefect server, nor from Prefect's SDK in this process
-    # (which, on a terminal, would print a notice and keep a device id under PREFECT_HOME). Either can be set.
+    # (which, on a terminal, would print a notice and queue usage events). Either can be set.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     args = _parser().parse_args(argv)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -155,16 +156,24 @@ def _cli_on_a_terminal(env: dict[str, str], *args: str) -> tuple[int, str]:
                            stdout=child_end, stderr=child_end)
     os.close(child_end)
     printed = bytearray()
-    while True:  # read as it prints, or a full terminal buffer would stall it
-        try:
-            chunk = os.read(main_end, 65536)
-        except OSError:  # EIO: every writer has closed the terminal
-            break
-        if not chunk:
-            break
-        printed += chunk
-    os.close(main_end)
-    return cli.wait(timeout=300), printed.decode(errors="replace")
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline:  # read as it prints, or a full terminal buffer would stall it
+            if not select.select([main_end], [], [], 1)[0]:
+                continue
+            try:
+                chunk = os.read(main_end, 65536)
+            except OSError:  # EIO: every writer has closed the terminal
+                break
+            if not chunk:
+                break
+            printed += chunk
+        else:
+            cli.kill()
+            pytest.fail(f"the CLI did not finish within 300 s; it printed: {printed.decode(errors='replace')}")
+    finally:
+        os.close(main_end)
+    return cli.wait(timeout=30), printed.decode(errors="replace")
 
 
 def test_a_configured_prefect_api_url_is_used_and_no_server_is_started_nor_telemetry_on_a_terminal(runs, tmp_path):
