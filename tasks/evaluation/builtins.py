@@ -41,7 +41,9 @@ def _words(text: str) -> frozenset[str]:
     """Content words (3+ characters, no stop words) of a text. Cached: the same documents,
     question and answer recur across a trace's spans (retriever outputs, answer LLM
     context, root outputs)."""
-    return frozenset(word for word in text.lower().translate(_PUNCTUATION).split() if len(word) > 2) - _STOP
+    words = set(text.lower().translate(_PUNCTUATION).split())
+    words -= _STOP
+    return frozenset([word for word in words if len(word) > 2])
 
 
 def forget_words() -> None:

@@ -55,10 +55,12 @@ class CallCounters:
     retried: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def add(self, **changes: int) -> None:
+    def add(self, total: int = 0, done: int = 0, in_flight: int = 0, retried: int = 0) -> None:
         with self._lock:
-            for name, change in changes.items():
-                setattr(self, name, getattr(self, name) + change)
+            self.total += total
+            self.done += done
+            self.in_flight += in_flight
+            self.retried += retried
 
 
 class CallLimiter:
@@ -207,7 +209,9 @@ class Outcomes(Generic[R]):
 def call_in_lanes(items: list[T], call: Callable[[T], Any], outcomes: Outcomes[R], policy: CallPolicy) -> list[R]:
     """`settle(call(item))` for each item on up to `policy.concurrency` threads, in item order.
 
-    A call that raises (anything, SystemExit included) or runs past the timeout gives `failed(message)`.
+    A call that raises (anything, SystemExit included) or runs past the timeout gives `failed(message)`. The
+    watching thread keeps `policy.counters`' done and in-flight counts, each time it publishes: a locked update
+    per call, three times, was a tenth of a built-in evaluator's cost.
     """
     settle, failed, on_result, publish = outcomes.settle, outcomes.failed, outcomes.on_result, outcomes.publish
     n = len(items)
@@ -229,7 +233,6 @@ def call_in_lanes(items: list[T], call: Callable[[T], Any], outcomes: Outcomes[R
             remaining[0] -= 1
             if not remaining[0]:
                 finished.set()
-        counters.add(done=1)
         if on_result is not None:
             on_result(i, result)
 
@@ -241,7 +244,6 @@ def call_in_lanes(items: list[T], call: Callable[[T], Any], outcomes: Outcomes[R
                 return failed("not called: the evaluation was stopped")
             deadline = clock() + timeout
             lane.current = (i, deadline)
-            counters.add(in_flight=1)
             try:
                 returned = call(items[i])
             except SystemExit as exc:
@@ -253,7 +255,6 @@ def call_in_lanes(items: list[T], call: Callable[[T], Any], outcomes: Outcomes[R
                 time.sleep(wait)
                 continue
             finally:
-                counters.add(in_flight=-1)
                 lane.current = None
             if clock() > deadline:
                 return failed(f"timed out after {timeout}s")
@@ -271,6 +272,14 @@ def call_in_lanes(items: list[T], call: Callable[[T], Any], outcomes: Outcomes[R
         lane = _Lane()
         lanes.append(lane)
         threading.Thread(target=work, args=(lane,), name="evaluator-lane", daemon=True).start()
+
+    counted = [0, 0]  # calls done and in flight, as the counters have them
+
+    def count() -> None:
+        done = n - remaining[0]
+        in_flight = sum(1 for lane in lanes if lane.current is not None and not lane.abandoned)
+        counters.add(done=done - counted[0], in_flight=in_flight - counted[1])
+        counted[:] = [done, in_flight]
 
     for _ in range(min(policy.concurrency, n)):
         start_lane()
@@ -291,9 +300,12 @@ def call_in_lanes(items: list[T], call: Callable[[T], Any], outcomes: Outcomes[R
             commit(None, current[0], failed(f"timed out after {timeout}s"))
             if not finished.is_set():
                 start_lane()
-        if publish is not None and now - last_publish >= 0.2:
-            publish()
+        if now - last_publish >= 0.2:
+            count()
+            if publish is not None:
+                publish()
             last_publish = now
+    count()
     if publish is not None:
         publish()
     return results  # type: ignore[return-value]  # every slot is filled once `finished` is set

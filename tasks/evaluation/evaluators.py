@@ -14,6 +14,7 @@ and `attachments` are `{}`, and `inputs` is the run's own inputs (LangSmith's
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import importlib
 import inspect
@@ -173,6 +174,13 @@ def _source_hash(obj: Any) -> str:
     return hashlib.sha256(source.encode()).hexdigest()[:16]
 
 
+@functools.cache
+def _builtin_hash(name: str) -> str:
+    """`_source_hash` of a built-in: its module does not change while the process runs (each batch binds its
+    evaluators again, and reading the module's source was a third of that)."""
+    return _source_hash(BUILTINS[name])
+
+
 def _signature_mode(fn: Callable[..., Any], label: str) -> tuple[str, tuple[str, ...]]:
     try:
         signature = inspect.signature(fn)
@@ -210,7 +218,7 @@ def bind_evaluator(config: EvaluatorConfig) -> BoundEvaluator:
             target = BUILTINS[name](**params)
         except Exception as exc:
             raise EvaluatorError(f"{label}: bad params {config.params}: {exc}") from None
-        source = _source_hash(BUILTINS[name]) + repr(sorted(params.items()))
+        source = _builtin_hash(name) + repr(sorted(params.items()))
     elif config.feedback_key:
         target, source = feedback_score_evaluator(config.feedback_key), config.ref
     else:

@@ -108,9 +108,10 @@ class RunRows:
 
     def forget(self, indices: list[int]) -> None:
         """Drop the parsed records (and runs) of rows that no evaluator still to run will read."""
+        self.source.forget(indices)
+        runs = self._runs
         for i in indices:
-            self.source.forget(i)
-            self._runs.pop(i, None)
+            runs.pop(i, None)
 
     def run(self, i: int) -> Any:
         if i not in self._runs:
@@ -153,8 +154,10 @@ class RowSource:
             cached = self._fields[i] = _record_fields(self.records.record(int(self.offsets[i]), int(self.lengths[i])))
         return cached
 
-    def forget(self, i: int) -> None:
-        self._fields.pop(i, None)
+    def forget(self, indices: list[int]) -> None:
+        fields = self._fields
+        for i in indices:
+            fields.pop(i, None)
 
     def clear(self) -> None:
         self._fields.clear()
@@ -403,11 +406,12 @@ def _span_scores(
     out["evaluator"] = evaluator_keys
     out["row"] = row_index
     _refuse_unusable_scores(out, {e.key: e.config.score_range for e in evaluators})
-    taken = spans.take(pa.array(out.pop("row"), pa.int64()))
+    taken = spans.select(["trace_id", "id", "name", "run_type", "dotted_order", "is_root"]).take(
+        pa.array(out.pop("row"), pa.int64()))
     thresholds = {e.key: e.config.threshold for e in evaluators}
     n = taken.num_rows
     columns = {
-        "window_start": pa.array([window_start] * n, SCORES.field("window_start").type),
+        "window_start": pa.repeat(pa.scalar(window_start, SCORES.field("window_start").type), n),
         "trace_id": taken.column("trace_id"),
         "run_id": taken.column("id"),
         "span_name": taken.column("name"),
