@@ -215,3 +215,52 @@ def test_the_openevals_llm_as_judge_example_scores_runs_against_a_local_chat_com
     assert scores["score"].tolist() == [1.0] * len(scores)
     assert scores["comment"].tolist() == ["The answer addresses the question."] * len(scores)
     assert len(prompts) == len(scores) and all("<question>" in p for p in prompts)
+
+
+def test_evaluation_workers_opening_a_new_judge_cache_at_once_keep_every_result(tmp_path):
+    """Setting WAL mode and creating the table take locks SQLite may refuse at once ("database is locked"), which
+    was once taken for a damaged file: renamed away under the other openers, their results lost or their batch
+    failed ("no such table", "disk I/O error"). Threads open their own connections as processes do; 40 tries
+    caught the old code nearly every time (3 of 40 tries failed)."""
+    from tasks.evaluation.evaluators import Result
+    from tasks.evaluation.judge_cache import JudgeCache
+
+    for trial in range(40):
+        path = tmp_path / f"t{trial}" / "judge-cache.sqlite"
+        start, errors = threading.Event(), []
+
+        def open_and_put(opener: int, path: Path = path, start: threading.Event = start,
+                         errors: list[Exception] = errors) -> None:
+            start.wait(30)  # every opener at the same moment, as the workers' first batches
+            try:
+                cache = JudgeCache(path)
+                cache.put("v1", f"run-{opener}", [Result("helpful", 1.0, None, None, None)])
+                cache.close()
+            except Exception as exc:  # noqa: BLE001 - collected, asserted below
+                errors.append(exc)
+
+        openers = [threading.Thread(target=open_and_put, args=(n,)) for n in range(8)]
+        for opener in openers:
+            opener.start()
+        start.set()
+        for opener in openers:
+            opener.join(timeout=60)
+        assert errors == []
+        assert [p.name for p in path.parent.iterdir() if not p.name.endswith(("-wal", "-shm"))] == [path.name]
+        cache = JudgeCache(path)
+        assert len(cache.get_many("v1", [f"run-{n}" for n in range(8)])) == 8
+        cache.close()
+
+
+def test_a_damaged_judge_cache_is_set_aside_and_a_new_one_started(tmp_path, caplog):
+    from tasks.evaluation.evaluators import Result
+    from tasks.evaluation.judge_cache import JudgeCache
+
+    path = tmp_path / "judge-cache.sqlite"
+    path.write_bytes(b"not a database, " * 512)  # e.g. overwritten by a crash or by hand
+    cache = JudgeCache(path)
+    cache.put("v1", "run-1", [Result("helpful", 1.0, None, None, None)])
+    cache.close()
+    assert "is unreadable" in caplog.text
+    assert len(list(tmp_path.glob("judge-cache.damaged-*"))) == 1  # kept, not deleted
+    assert list(JudgeCache(path).get_many("v1", ["run-1"])) == ["run-1"]

@@ -11,11 +11,14 @@ Deleting `<out>/work` drops the cache with the other work files.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import sqlite3
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import orjson
@@ -25,6 +28,8 @@ from tasks.evaluation.evaluators import Result
 CACHE_FILE = "judge-cache.sqlite"
 _FLUSH_ROWS, _FLUSH_SECONDS = 256, 0.5
 _LOOKUP_CHUNK = 500  # under SQLite's limit of bound parameters
+_TABLE = ("CREATE TABLE IF NOT EXISTS results (version TEXT, run TEXT, results BLOB, PRIMARY KEY (version, run)) "
+          "WITHOUT ROWID")
 
 log = logging.getLogger(__name__)
 
@@ -38,19 +43,45 @@ class JudgeCache:
         self._lock = threading.Lock()
         self._pending: list[tuple[str, str, bytes]] = []
         self._flushed = time.monotonic()
+        if not self.path.exists():
+            self._create()
+        found = self.path.stat().st_ino
         try:
             self._db = self._open()
+        except sqlite3.OperationalError:  # locked past the timeout, or the disk's error: not the file's
+            raise
         except sqlite3.DatabaseError as exc:  # a damaged file is only lost work: start a new one
             log.warning("judge cache %s is unreadable (%s); starting a new one", self.path, exc)
-            self.path.replace(self.path.with_suffix(f".damaged-{time.time_ns()}"))
+            with contextlib.suppress(FileNotFoundError):
+                if self.path.stat().st_ino == found:  # not a new cache that another worker made meanwhile
+                    self.path.replace(self.path.with_suffix(f".damaged-{time.time_ns()}"))
+            if not self.path.exists():
+                self._create()
             self._db = self._open()
+
+    def _create(self) -> None:
+        """A new cache file, made whole under a temporary name and linked into place unless another process's is
+        there first: the evaluation workers open a new cache at once, and setting WAL mode and creating the table
+        take locks that SQLite's busy timeout does not always wait for ("database is locked" at once)."""
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{uuid.uuid4().hex}")
+        try:
+            db = sqlite3.connect(tmp, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(_TABLE)
+            db.close()
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def _open(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.execute("CREATE TABLE IF NOT EXISTS results (version TEXT, run TEXT, results BLOB, "
-                   "PRIMARY KEY (version, run)) WITHOUT ROWID")
+        try:
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute(_TABLE)  # a no-op on a cache made by _create; the table of a cache made before it did
+        except BaseException:
+            db.close()
+            raise
         return db
 
     def get_many(self, version: str, runs: list[str]) -> dict[str, list[Result]]:
