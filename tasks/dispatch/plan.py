@@ -49,6 +49,16 @@ def matching_traces(when: When, scores: pd.DataFrame, verdicts: pd.DataFrame) ->
     return matched.assign(evaluator=when.evaluator, score=matched["trace_id"].map(worst).to_numpy())
 
 
+# The columns of a rule's matched traces that its actions carry, in the order planned_actions unpacks them.
+_MATCH_FIELDS = ("trace_id", "evaluator", "score", "verdict", "culprit_run_id", "culprit_span", "culprit_reason")
+
+
+def _column_values(column: pd.Series) -> list[Any]:
+    """A column as Python values, None where it is missing (NaN, NA): a column at a time, 3-4x faster than
+    `to_dict("records")` on the frame."""
+    return column.astype(object).where(column.notna(), None).tolist()
+
+
 def _chosen(action_ids: list[str], sample: float) -> list[bool]:
     """A rule's sample: the same actions on every run, as the choice hangs on the action id alone."""
     if sample >= 1:
@@ -126,29 +136,29 @@ def planned_actions(
             if cause.reason is not None:
                 keep &= matched["culprit_reason"] == cause.reason
             matched = matched[keep]
-        matched = matched.sort_values("trace_id").astype(object).where(matched.notna(), None)
-        rows = matched.to_dict("records")
-        ids = [action_id(config.name, window_start, row["trace_id"], name) for row in rows]
+        matched = matched.sort_values("trace_id")
+        rows = list(zip(*[_column_values(matched[column]) for column in _MATCH_FIELDS], strict=True))
+        ids = [action_id(config.name, window_start, row[0], name) for row in rows]
         chosen = [(i, row) for i, row, keep in zip(ids, rows, _chosen(ids, rule.sample), strict=True) if keep]
         plan.not_sampled += len(rows) - len(chosen)
         if rule.max_per_window is not None and len(chosen) > rule.max_per_window:
             plan.over_cap += len(chosen) - rule.max_per_window
             chosen = sorted(chosen, key=lambda c: c[0] not in (known or ()))[:rule.max_per_window]  # stable sort
-        for identity, row in chosen:
+        for identity, (trace_id, evaluator, score, verdict, culprit_run_id, culprit_span, culprit_reason) in chosen:
             plan.actions.append({
                 "action_id": identity,
                 "loop": config.name,
                 "action": name,
                 "do": rule.do,
                 "window_start": window,
-                "trace_id": row["trace_id"],
-                "run_id": row["trace_id"],  # a root run's id is its trace id
-                "evaluator": row["evaluator"],
-                "score": None if row["score"] is None else float(row["score"]),
-                "verdict": row["verdict"],
-                "culprit_run_id": row["culprit_run_id"],
-                "culprit_span": row["culprit_span"],
-                "culprit_reason": row["culprit_reason"],
+                "trace_id": trace_id,
+                "run_id": trace_id,  # a root run's id is its trace id
+                "evaluator": evaluator,
+                "score": None if score is None else float(score),
+                "verdict": verdict,
+                "culprit_run_id": culprit_run_id,
+                "culprit_span": culprit_span,
+                "culprit_reason": culprit_reason,
             })
     return plan
 

@@ -30,6 +30,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tasks.cache import work_file_options
 from tasks.config import EvaluatorConfig
 from tasks.evaluation.batch_state import StateWriter, state_path
 from tasks.evaluation.builtins import forget_words
@@ -505,6 +506,9 @@ def bind_all(configs: list[EvaluatorConfig]) -> list[BoundEvaluator]:
     return [bind_evaluator(config) for config in configs]
 
 
+_REPEATED_SCORES = [name for name in SCORES.names if name not in ("run_id", "dotted_order", "score")]
+
+
 def evaluate_batch_file(
     spans_path: str, batch: int, configs: list[EvaluatorConfig], window_start: datetime, out_path: str,
     settings: EvaluationSettings | None = None, abandoned: dict[str, str] | None = None,
@@ -524,9 +528,10 @@ def evaluate_batch_file(
         run.close()
         forget_words()
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    for table, path in ((metadata, metadata_path(out_path)), (scores, out_path)):  # scores last: it marks done
+    for table, path, repeated in ((metadata, metadata_path(out_path), False),
+                                  (scores, out_path, _REPEATED_SCORES)):  # scores last: it marks done
         tmp = f"{path}.{os.getpid()}.tmp"
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, **work_file_options(repeated))
         os.replace(tmp, path)
     del scores, metadata
     release_memory()  # a worker waits for its next batch (or the window's end) with no more than its imports

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 from prefect.tasks import exponential_backoff
 
-from tasks.cache import stable_hash, stage_cache_key, work_epoch, write_manifest
+from tasks.cache import stable_hash, stage_cache_key, work_epoch, work_file_options, write_manifest
 from tasks.config import FileSource, LangSmithSource, LoopConfig, SampleSource
 from tasks.contracts import SourceSpans, SourceWindows, WindowSpans
 from tasks.memory import release_memory
@@ -35,6 +35,8 @@ from tasks.sources.records import RECORDS_KEY, Skipped, check_records_file, load
 from tasks.sources.sample import generate_traces, write_sample
 
 ORPHAN = "span whose trace root is not in the source"
+# The spans' columns with few distinct values: dictionary-encoded in a window's file (see work_file_options).
+_REPEATED = ["trace_id", "parent_run_id", "name", "run_type", "status", "error", "session_id"]
 
 
 def source_path(source: FileSource | SampleSource, out_dir: Path) -> Path:
@@ -103,7 +105,7 @@ def write_window(spans: pa.Table, rows: np.ndarray, codes: np.ndarray, window_st
     bounds = batch_bounds(codes, batch_traces_for(traces, batch_size))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with pq.ParquetWriter(tmp, spans.schema, compression="none") as writer:  # work files: speed over size
+    with pq.ParquetWriter(tmp, spans.schema, **work_file_options(_REPEATED)) as writer:
         for begin, end in zip(bounds[:-1], bounds[1:], strict=True):
             writer.write_table(spans.take(pa.array(rows[begin:end])), row_group_size=end - begin)
     os.replace(tmp, path)
