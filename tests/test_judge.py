@@ -246,10 +246,15 @@ def test_evaluation_workers_opening_a_new_judge_cache_at_once_keep_every_result(
         for opener in openers:
             opener.join(timeout=60)
         assert errors == []
-        assert [p.name for p in path.parent.iterdir() if not p.name.endswith(("-wal", "-shm"))] == [path.name]
+        assert _cache_files(path.parent) == [path.name]
         cache = JudgeCache(path)
         assert len(cache.get_many("v1", [f"run-{n}" for n in range(8)])) == 8
         cache.close()
+
+
+def _cache_files(directory: Path) -> list[str]:
+    """The files of a directory but SQLite's WAL and shared memory and the cache's setup lock."""
+    return sorted(p.name for p in directory.iterdir() if not p.name.endswith(("-wal", "-shm", ".lock")))
 
 
 def test_a_damaged_judge_cache_is_set_aside_and_a_new_one_started(tmp_path, caplog):
@@ -262,5 +267,19 @@ def test_a_damaged_judge_cache_is_set_aside_and_a_new_one_started(tmp_path, capl
     cache.put("v1", "run-1", [Result("helpful", 1.0, None, None, None)])
     cache.close()
     assert "is unreadable" in caplog.text
-    assert len(list(tmp_path.glob("judge-cache.damaged-*"))) == 1  # kept, not deleted
+    [aside] = [name for name in _cache_files(tmp_path) if name != path.name]  # kept, not deleted
+    assert aside.startswith("judge-cache.damaged-")
+    assert list(JudgeCache(path).get_many("v1", ["run-1"])) == ["run-1"]
+
+
+def test_a_judge_cache_left_half_made_by_a_killed_worker_is_made_anew(tmp_path):
+    from tasks.evaluation.evaluators import Result
+    from tasks.evaluation.judge_cache import JudgeCache
+
+    path = tmp_path / "judge-cache.sqlite"
+    (tmp_path / ".judge-cache.sqlite.new").write_bytes(b"half")  # the worker was killed while making it
+    cache = JudgeCache(path)
+    cache.put("v1", "run-1", [Result("helpful", 1.0, None, None, None)])
+    cache.close()
+    assert _cache_files(tmp_path) == [path.name]
     assert list(JudgeCache(path).get_many("v1", ["run-1"])) == ["run-1"]

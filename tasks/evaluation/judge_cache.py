@@ -12,13 +12,14 @@ Deleting `<out>/work` drops the cache with the other work files.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import math
 import os
 import sqlite3
 import threading
 import time
-import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -34,6 +35,11 @@ _TABLE = ("CREATE TABLE IF NOT EXISTS results (version TEXT, run TEXT, results B
 log = logging.getLogger(__name__)
 
 
+def _sidecars(database: Path) -> tuple[Path, Path]:
+    """The WAL and shared-memory files SQLite keeps beside a database in WAL mode."""
+    return Path(f"{database}-wal"), Path(f"{database}-shm")
+
+
 class JudgeCache:
     """Results by (version, run key); `put` buffers, and the buffer is written every 0.5 s, 256 rows or at close."""
 
@@ -43,42 +49,74 @@ class JudgeCache:
         self._lock = threading.Lock()
         self._pending: list[tuple[str, str, bytes]] = []
         self._flushed = time.monotonic()
-        if not self.path.exists():
-            self._create()
-        found = self.path.stat().st_ino
-        try:
-            self._db = self._open()
-        except sqlite3.OperationalError:  # locked past the timeout, or the disk's error: not the file's
-            raise
-        except sqlite3.DatabaseError as exc:  # a damaged file is only lost work: start a new one
-            log.warning("judge cache %s is unreadable (%s); starting a new one", self.path, exc)
-            with contextlib.suppress(FileNotFoundError):
-                if self.path.stat().st_ino == found:  # not a new cache that another worker made meanwhile
-                    self.path.replace(self.path.with_suffix(f".damaged-{time.time_ns()}"))
-            if not self.path.exists():
-                self._create()
-            self._db = self._open()
+        self._db = self._connect()
 
-    def _create(self) -> None:
-        """A new cache file, made whole under a temporary name and linked into place unless another process's is
-        there first: the evaluation workers open a new cache at once, and setting WAL mode and creating the table
-        take locks that SQLite's busy timeout does not always wait for ("database is locked" at once)."""
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{uuid.uuid4().hex}")
-        try:
-            db = sqlite3.connect(tmp, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute(_TABLE)
-            db.close()
-            with contextlib.suppress(FileExistsError):
-                os.link(tmp, self.path)
-        finally:
-            tmp.unlink(missing_ok=True)
+    def _connect(self) -> sqlite3.Connection:
+        """The cache's connection; the cache made first when there is none, a damaged one set aside for a new one.
+
+        The evaluation workers open a new cache at the same moment, and SQLite may refuse setting WAL mode at once
+        ("database is locked", without waiting its busy timeout): so a cache is made by one process at a time,
+        whole under a temporary name, then moved into place. A lock that outlasts the busy timeout, or the disk's
+        error, fails the batch (retried as any batch), never the file."""
+        for _ in range(3):
+            self._create_if_missing()
+            try:
+                return self._open()
+            except sqlite3.OperationalError:
+                if self.path.exists():
+                    raise
+                # set aside by another worker between the two steps: made again
+            except sqlite3.DatabaseError as exc:  # a damaged file is only lost work: start a new one
+                self._set_aside(exc)
+        return self._open()
+
+    @contextlib.contextmanager
+    def _setup(self) -> Iterator[None]:
+        """Held while the cache file is made or set aside: one process at a time."""
+        with open(self.path.with_name(f".{self.path.name}.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def _create_if_missing(self) -> None:
+        if self.path.exists():
+            return
+        with self._setup():
+            if self.path.exists():  # another worker made it meanwhile
+                return
+            tmp = self.path.with_name(f".{self.path.name}.new")  # a creator killed half-way left it: made anew
+            for leftover in (tmp, *_sidecars(tmp)):
+                leftover.unlink(missing_ok=True)
+            with contextlib.closing(sqlite3.connect(tmp, isolation_level=None)) as db:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute(_TABLE)
+            os.replace(tmp, self.path)
+
+    def _set_aside(self, exc: sqlite3.DatabaseError) -> None:
+        with self._setup():
+            try:
+                self._open().close()
+                return  # another worker set the damaged one aside and made this one meanwhile
+            except sqlite3.OperationalError:
+                if self.path.exists():
+                    raise
+                return
+            except sqlite3.DatabaseError:
+                pass
+            log.warning("judge cache %s is unreadable (%s); starting a new one", self.path, exc)
+            aside = self.path.with_suffix(f".damaged-{time.time_ns()}")
+            for part, moved in zip((self.path, *_sidecars(self.path)), (aside, *_sidecars(aside)), strict=True):
+                with contextlib.suppress(FileNotFoundError):  # its WAL too: a new cache must not replay it
+                    part.replace(moved)
 
     def _open(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
+        """A connection to the cache file as it is (never one that makes an empty file in its place)."""
+        db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=rw", uri=True, timeout=60, isolation_level=None,
+                             check_same_thread=False)
         try:
+            if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
-            db.execute(_TABLE)  # a no-op on a cache made by _create; the table of a cache made before it did
+            db.execute(_TABLE)  # a no-op on a cache made here; the table of one made before
         except BaseException:
             db.close()
             raise
