@@ -255,15 +255,18 @@ def test_a_worker_that_dies_running_an_evaluator_gives_error_rows_naming_it(wind
 
 def test_a_worker_over_max_worker_memory_is_replaced_and_its_runs_not_scored_become_error_rows(window, tmp_path):
     leaker = EvaluatorConfig(key="leaker", ref="tests.test_hostile_eval:leaks_40mb_a_call", max_concurrency=1)
+    # A worker starts this batch at ~160 MB (156 MB measured) and the leaker adds 42 MB a call: 400 MB is crossed
+    # on the 6th of 12 calls, with calls to spare for the watch (every 0.1 s). 600 MB was crossed on the 11th, and
+    # the batch could end before the watch looked (no worker replaced: a failed CI run).
     settings = EvaluationSettings(str(tmp_path / "work"), max_worker_memory=LoopConfig(
-        max_worker_memory="600MB").max_worker_memory_bytes)
+        max_worker_memory="400MB").max_worker_memory_bytes)
     out = evaluate_batch(window.path, 0, [GROUNDED, leaker], window.window_start, str(tmp_path / "s.parquet"), 2,
                          settings)
     rows = _one_row_per_run_and_evaluator(out, ["leaker", "grounded"])
     leaked = rows.loc[rows["evaluator"] == "leaker"]
     over = leaked["error"].dropna()
     assert len(over) >= 1 and over.str.fullmatch(
-        r"the evaluation worker used [\d,]+ MB, over max_worker_memory 600 MB, while running evaluator 'leaker': "
+        r"the evaluation worker used [\d,]+ MB, over max_worker_memory 400 MB, while running evaluator 'leaker': "
         r"it was replaced and the runs it had not scored are errors").all()
     assert (leaked["score"] == 1.0).sum() == 12 - len(over)  # the runs scored before are kept (judge cache)
     assert rows.loc[rows["evaluator"] == "grounded", "error"].isna().all()
