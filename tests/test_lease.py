@@ -72,6 +72,21 @@ def test_two_runs_of_a_loop_at_once_dispatch_one_after_the_other(store):
     assert second[0] >= first[1] and released(store, "loop")
 
 
+def test_a_thread_that_reads_a_claim_just_written_by_another_thread_of_its_process_waits(store, monkeypatch):
+    """The claimer is descheduled right after writing its claim (as happened under load): the other thread, which
+    reads it then, must not take it for a dead holder's."""
+    claim = DispatchLease._claim
+
+    def slow_claim(self, epoch: int, released: bool = False) -> bool:
+        won = claim(self, epoch, released)
+        if won and not released:
+            time.sleep(0.3)
+        return won
+
+    monkeypatch.setattr(DispatchLease, "_claim", slow_claim)
+    test_two_runs_of_a_loop_at_once_dispatch_one_after_the_other(store)
+
+
 def released(store: SnapshotStore, loop: str) -> bool:
     """The loop's latest lease epoch is a release: nobody holds it."""
     latest = store.listing(f"_leases/dispatch-{loop}")[-1]

@@ -159,10 +159,13 @@ class DispatchLease:
                         told = True
                     time.sleep(self.poll)
                     continue
+            # Held before the claim is written: another thread of this process that reads the claim at once
+            # must see it held (it took the lease over when this thread was descheduled in between).
+            _HELD.add(self.token)
             if self._claim(latest + 1):
                 self.epoch = latest + 1
-                _HELD.add(self.token)
                 break
+            _HELD.discard(self.token)
         # Only the claimer of a later epoch removes earlier ones, so the latest epoch is always there to see.
         self.store.delete([self._name(epoch) for epoch in epochs])
         self._renewer = threading.Thread(target=self._renew_until_released, daemon=True,
