@@ -179,11 +179,12 @@ def _run_with_a_hung_evaluator(tmp_path: Path) -> Iterator[tuple[subprocess.Pope
         _kill(children)
 
 
-def test_sigterm_ends_a_run_with_a_hung_evaluator_within_seconds(tmp_path):
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])  # a Ctrl-C: the
+def test_sigterm_or_ctrl_c_ends_a_run_with_a_hung_evaluator_within_seconds(tmp_path, how):  # retry re-hung
     with _run_with_a_hung_evaluator(tmp_path) as (process, workers):
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(how)
         process.wait(timeout=20)
-        assert process.returncode == -signal.SIGTERM
+        assert process.returncode == -how
         assert all(_gone(pid, 10) for pid in workers)
 
 

@@ -50,33 +50,38 @@ def _stop_evaluations() -> None:
 
 
 @contextlib.contextmanager
-def stopped_by_sigterm() -> Iterator[None]:
-    """While the flow waits for its evaluation batches: a SIGTERM first gives up every evaluation in flight (workers
-    killed, in-process calls abandoned), then goes on to the handler that was there (Prefect's, which ends the flow).
+def stopped_by_signals() -> Iterator[None]:
+    """While the flow waits for its evaluation batches: a SIGTERM or a Ctrl-C (SIGINT) first gives up every
+    evaluation in flight (workers killed, in-process calls abandoned), then goes on to the handler that was there
+    (Prefect's for SIGTERM, which ends the flow; Python's KeyboardInterrupt for SIGINT).
 
     Without it, Prefect's handler ends the flow run, whose task runner then waits for its threads, which wait for
-    the evaluations: a hung evaluator held the process for good. Signals can only be handled in the main thread;
-    elsewhere this does nothing.
+    the evaluations: a hung evaluator held the process for good (a Ctrl-C too: the pool started new workers for
+    the batch, which hung again). Signals can only be handled in the main thread; elsewhere this does nothing.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.getsignal(signal.SIGTERM)
+    previous = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)
+                if signal.getsignal(number) != signal.SIG_IGN}  # e.g. SIGINT in a shell's background job
 
     def stop(signum: int, frame: Any) -> None:
         _stop_evaluations()
-        if callable(previous):
-            previous(signum, frame)
-        elif previous == signal.SIG_DFL:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
+        before = previous[signum]
+        if callable(before):
+            before(signum, frame)
+        elif before == signal.SIG_DFL:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
 
-    signal.signal(signal.SIGTERM, stop)
+    for number in previous:
+        signal.signal(number, stop)
     try:
         yield
     finally:
-        if signal.getsignal(signal.SIGTERM) is stop:
-            signal.signal(signal.SIGTERM, previous)
+        for number, before in previous.items():
+            if signal.getsignal(number) is stop:
+                signal.signal(number, before)
 
 
 def _kill_workers(pool: ProcessPoolExecutor) -> None:
@@ -93,7 +98,14 @@ def _at_exit() -> None:
     hands it its start data prints a traceback, as a run with nothing to evaluate (an empty source) did."""
     for starter in _STARTERS:
         starter.join(timeout=5)
+    pool = _POOL
     _stop_evaluations()
+    # The pool's manager thread sees its workers gone and closes its wake-up pipe; concurrent.futures' own exit
+    # hook, next, writes to that pipe after checking it is open, unlocked in Python 3.11: a close in between
+    # was "Bad file descriptor" and exit code 1 after a run that had succeeded (once in the suite).
+    manager = getattr(pool, "_executor_manager_thread", None)
+    if manager is not None:
+        manager.join(timeout=5)
 
 
 threading._register_atexit(_at_exit)  # type: ignore[attr-defined]  # what concurrent.futures uses too
@@ -184,6 +196,8 @@ def evaluate_batch(
     submitted again to a fresh one. When it was this batch's worker that died, the evaluator it was running
     is given up on for the batch: its runs not in the judge cache become error rows naming the cause.
     """
+    if STOPPING.is_set():  # a retry after a SIGTERM or Ctrl-C: no new workers to hang in the same evaluator
+        raise EvaluationStopped("the process is stopping: evaluation given up")
     pool = None if _in_this_process_only(configs) else evaluation_pool(workers)
     if pool is None:
         return evaluate_batch_file(spans_path, batch, configs, window_start, out_path, settings)
@@ -262,9 +276,15 @@ def _discard_pool(pool: ProcessPoolExecutor) -> None:
     pool.shutdown(wait=False, cancel_futures=True)
 
 
+def _not_stopping(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry a failed batch unless the process is stopping (a SIGTERM or Ctrl-C gave its evaluations up)."""
+    return not STOPPING.is_set()
+
+
 @task(
     name="evaluate",
     retries=2,
+    retry_condition_fn=_not_stopping,
     retry_delay_seconds=exponential_backoff(backoff_factor=2),
     retry_jitter_factor=0.5,
     cache_key_fn=stage_cache_key,
@@ -285,8 +305,8 @@ def prepare_evaluation(config: LoopConfig) -> None:
 
 def evaluate_window(*, config: LoopConfig, window: WindowSpans, source_token: str, out: str) -> ScoredWindow:
     """A window scored in batches, each an `evaluate` task (cached once the window is final, retried), while the
-    spans later stages read are loaded. A SIGTERM gives up the evaluations in flight (never waits for a hung
-    evaluator)."""
+    spans later stages read are loaded. A SIGTERM or Ctrl-C gives up the evaluations in flight (never waits for a
+    hung evaluator)."""
     window_start = window.window_start
     window_end = window_start + config.window.size_delta
     eval_token = stable_hash(source_token, window_start, [e.model_dump() for e in config.evaluators],
@@ -298,7 +318,7 @@ def evaluate_window(*, config: LoopConfig, window: WindowSpans, source_token: st
                    for b in batches]
     workers = 1 if config.runner.dask_address else evaluation_workers(config.eval_workers)
     settings = EvaluationSettings(str(Path(out) / "work"), config.max_worker_memory_bytes)
-    with stopped_by_sigterm():  # from the first submitted batch
+    with stopped_by_signals():  # from the first submitted batch
         futures = evaluate_task.map(unmapped(window.path), batches, unmapped(config.evaluators),
                                     unmapped(window_start), score_paths, unmapped(eval_token), unmapped(workers),
                                     unmapped(settings))
