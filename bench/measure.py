@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -18,7 +19,9 @@ class PeakRSS:
     process's own peak (by pid, with its role); with `timeline` set, every sample is kept in `samples`.
     """
 
-    def __init__(self, timeline: bool = False) -> None:
+    def __init__(self, timeline: bool = False, adopted: Callable[[], list[int]] | None = None) -> None:
+        self._adopted = adopted  # pids whose descendants count too, not they themselves (warm runners' runs)
+        self.adopted_pids: set[int] = set()
         self.peak = 0
         self.peak_all = 0
         self.at_peak: dict[str, int] = {}
@@ -103,7 +106,10 @@ class PeakRSS:
     def _sample(self) -> None:
         began = time.perf_counter()
         while not self._stop.is_set():
-            rss = {p: self._rss(p) for p in self._tree(os.getpid())}
+            adopted = [p for root in (self._adopted() if self._adopted else []) for p in self._tree(root)[1:]]
+            self.adopted_pids.update(adopted)
+            pids = self._tree(os.getpid()) + adopted
+            rss = {p: self._rss(p) for p in pids}
             self.peak_all = max(self.peak_all, sum(rss.values()))
             ours = {p: v for p, v in rss.items() if self._role(p) != "prefect-api"}
             total = sum(ours.values())

@@ -16,26 +16,21 @@ import contextlib
 import errno
 import json
 import os
+import signal
 import sys
 import tempfile
 import threading
 import traceback
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pydantic import ValidationError
+from flows import local_api, warm
 
-from flows import local_api
-from tasks.config import (
-    DEFAULT_OUT,
-    ConfigError,
-    FileSource,
-    LangSmithSource,
-    LoopConfig,
-    SnapshotConfig,
-    load_config,
-)
-from tasks.sources.langsmith import LangSmithFetchError
+if TYPE_CHECKING:  # imported where used: a warm run's caller imports none of them (flows/warm.py)
+    from pydantic import ValidationError
+
+    from tasks.config import ConfigError, LoopConfig
 
 # Disk errors that are the machine's, not a bug: printed as one line naming the path, like a full disk.
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
@@ -50,6 +45,8 @@ def _moment(text: str) -> datetime:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from tasks.config import DEFAULT_OUT
+
     parser = argparse.ArgumentParser(prog="tracetriage", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -158,6 +155,10 @@ def _flow_runs_url(server: local_api.LocalServer | None) -> str | None:
 
 def _with_source(config: LoopConfig, source: str) -> LoopConfig:
     """The config with `--source` in place of its source: a file, or `langsmith:PROJECT`."""
+    from pydantic import ValidationError
+
+    from tasks.config import FileSource, LangSmithSource
+
     try:
         if source.startswith("langsmith:"):
             project = source.removeprefix("langsmith:")
@@ -171,17 +172,23 @@ def _with_source(config: LoopConfig, source: str) -> LoopConfig:
 
 def _flag_error(flag: str, value: str, error: ValidationError) -> ConfigError:
     """A flag's value that its config field refuses, in one line."""
+    from tasks.config import ConfigError
+
     reasons = "; ".join(item["msg"].removeprefix("Value error, ") for item in error.errors())
     return ConfigError(f"{flag} {value!r}: {reasons}")
 
 
 def run_command(args: argparse.Namespace) -> int:
+    from tasks.config import ConfigError, load_config
+    from tasks.sources.langsmith import LangSmithFetchError
+
     try:
         config = load_config(args.config) if args.config else load_config(data={})
         if args.source:
             config = _with_source(config, args.source)
         server = _local_server()  # starts while the flow modules import and the config is checked
         if server:
+            warm.used_local_server()
             os.environ["PREFECT_API_URL"] = server.api_url  # for any process this run starts: the workers, next
         from tasks.evaluation.evaluate import prepare_evaluation
 
@@ -293,11 +300,15 @@ def server_command(args: argparse.Namespace) -> int:
         return 1
     state = "running" if server.healthy() else "starting"
     print(f"{state}: pid {server.pid}, API {server.api_url}, UI {server.url}, home {server.home}")
+    for pid in warm.runners(server.home):
+        print(f"warm runner: pid {pid} (later runs fork from it instead of importing; it stops with the server)")
     return 0
 
 
 def _rates(items: list[str], flag: str) -> dict[str, float]:
     """`MODE=SHARE` items as a dict; ConfigError naming the flag when one is malformed."""
+    from tasks.config import ConfigError
+
     rates = {}
     for item in items:
         mode, _, share = item.partition("=")
@@ -310,6 +321,8 @@ def _rates(items: list[str], flag: str) -> dict[str, float]:
 
 def _window_rates(items: list[str], windows: int, base: dict[str, float]) -> list[dict[str, float] | None]:
     """Each window's rates: `--rate` everywhere, `--window-rate N:MODE=SHARE` on top in window N."""
+    from tasks.config import ConfigError
+
     per_window: list[dict[str, float]] = [dict(base) for _ in range(windows)]
     for item in items:
         number, _, rate = item.partition(":")
@@ -321,6 +334,7 @@ def _window_rates(items: list[str], windows: int, base: dict[str, float]) -> lis
 
 
 def sample_command(args: argparse.Namespace) -> int:
+    from tasks.config import ConfigError
     from tasks.sources.sample import generate_traces, generate_windows, write_sample
 
     if args.out.suffix not in (".jsonl", ".parquet"):
@@ -349,6 +363,9 @@ def sample_command(args: argparse.Namespace) -> int:
 
 
 def report_command(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from tasks.config import ConfigError, SnapshotConfig, load_config
     from tasks.report import format_table, report_period, trend_report
     from tasks.sinks.connections import open_store
 
@@ -384,21 +401,33 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except Exception as exc:  # noqa: BLE001 - a bug: shown whole; config and input errors were one line above
         return unexpected(exc)
+    finally:
+        if args.command == "run":
+            warm.leave_runner()  # the next run forks from it instead of importing
 
 
 def entry() -> None:
-    """The `tracetriage` command: `main`, then exit without the interpreter's teardown.
+    """The `tracetriage` command: in a warm runner's fork when one serves this caller (flows/warm.py), else
+    `main` here; then exit without the interpreter's teardown."""
+    code = warm.run(sys.argv[1:]) if sys.argv[1:2] == ["run"] else None
+    finish(main() if code is None else code)
+
+
+def finish(code: int | None) -> None:
+    """Exit with `code` without the interpreter's teardown.
 
     By the time `main` returns, the run's output is written and flushed and its flow runs are reported; what
     remains is Python's exit: the atexit handlers (Prefect's event and log workers drain there, the worker pool
     stops), then freeing every module and object, which took 0.7 s of a 5 s run here. The threads are still
     joined and the handlers still run, in Python's order; only the freeing is skipped."""
-    code = main()
     threading._shutdown()  # what Python's exit does first: join non-daemon threads, stop executors
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code)
+    if code is not None and code < 0:  # a warm run's Ctrl-C: killed by the signal, as Python's exit is
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    os._exit(code or 0)
 
 
 if __name__ == "__main__":

@@ -190,6 +190,9 @@ def stop() -> LocalServer | None:
     with _locked(home):
         server = recorded()
         (home / "server.json").unlink(missing_ok=True)
+        from flows import warm
+
+        warm.stop_runners(home)  # they would exit on their own within seconds of the server
         if server is None:
             return None
         with contextlib.suppress(ProcessLookupError):
