@@ -11,8 +11,9 @@ A runner serves only callers that would have imported what it imported: the same
 `sys.path`, code (each .py file under flows/, tasks/ and blocks/: path, size, mtime), installed packages (each
 `sys.path` directory's mtime), Prefect profiles file, and environment (all of it but PWD, OLDPWD, SHLVL and _).
 That is the runner's key, in its socket's name. A caller with another key runs as before, importing, and leaves a
-runner for its own key. A runner exits by itself once its code changes on disk or its server is gone;
-`tracetriage server stop` stops it with the server. TRACETRIAGE_WARM=0 turns runners off (Linux only).
+runner for its own key. A runner exits by itself once its code changes on disk, its server is gone, or
+after 30 minutes without a run; `tracetriage server stop` stops it with the server. Once a runner has taken a
+command the caller never runs it itself. TRACETRIAGE_WARM=0 turns runners off (Linux only).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("flows", "tasks", "blocks")
 VOLATILE = frozenset({"PWD", "OLDPWD", "SHLVL", "_"})  # set by shells on every command; nothing imports them
 CHECK_EVERY = 5.0  # seconds between a runner's checks that its code and its server are current
+IDLE_EXIT = 1800.0  # seconds without a run after which a runner exits (a key per terminal would pile them up)
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGWINCH)
 
 # The caller's key and environment as they were when the CLI started (the run then changes the environment).
@@ -66,7 +68,11 @@ def key(env: dict[str, str], path: list[str]) -> str:
             subfolders[:] = sorted(d for d in subfolders if d != "__pycache__")
             for name in sorted(files):
                 if name.endswith(".py"):
-                    stat = os.stat(os.path.join(folder, name))
+                    try:
+                        stat = os.stat(os.path.join(folder, name))
+                    except OSError:  # removed while walked, or a dangling link (an editor's lock file)
+                        code.append((folder, name, -1, -1))
+                        continue
                     code.append((folder, name, stat.st_size, stat.st_mtime_ns))
     home = env.get("PREFECT_HOME") or os.path.expanduser("~/.prefect")
     profiles = env.get("PREFECT_PROFILES_PATH") or os.path.join(home, "profiles.toml")
@@ -90,7 +96,8 @@ def _home() -> Path:
 
 def run(argv: list[str]) -> int | None:
     """`tracetriage ARGV` in a warm runner's fork, if one serves this caller: its exit code. None when no runner
-    does (or warm runs are off): the caller then runs the command itself."""
+    took the command (none runs for this key, or warm runs are off): the caller then runs it itself. Once a
+    runner has taken it, it is never run here too, whatever happens next."""
     _caller.update(env=dict(os.environ), path=list(sys.path))
     if not enabled():
         return None
@@ -101,42 +108,56 @@ def run(argv: list[str]) -> int | None:
         for fd in (0, 1, 2):
             os.fstat(fd)  # a closed standard stream cannot be passed on
         conn.connect(str(sock))
+        if _peer_uid(conn) != os.getuid():
+            raise OSError("the runner's socket is another user's")  # it would get this environment's secrets
         umask = os.umask(0o22)
         os.umask(umask)
+        ignored = [number for number in FORWARDED if signal.getsignal(number) == signal.SIG_IGN]  # e.g. nohup
         request = json.dumps({"argv": [sys.argv[0], *argv], "env": _caller["env"], "cwd": os.getcwd(),
-                              "umask": umask}).encode()
+                              "umask": umask, "ignored": ignored}).encode()
         socket.send_fds(conn, [struct.pack("!I", len(request))], [0, 1, 2])
         conn.sendall(request)
-        pid = int(_line(conn))
-    except (OSError, ValueError):
+        answers = conn.makefile("rb")
+        if answers.readline() != b"taken\n":
+            raise OSError("the runner did not take the command")
+    except OSError:
         conn.close()
         return None
+    pid, pending = [], []
+
+    def forward(signum: int, frame: Any) -> None:
+        if pid:
+            _forward(pid[0], signum)
+        else:
+            pending.append(signum)  # until the run's pid is known
+
     for number in FORWARDED:
-        signal.signal(number, lambda signum, frame: _forward(pid, signum))
+        if number not in ignored:
+            signal.signal(number, forward)
     try:
-        code = int(_line(conn))
+        pid.append(int(answers.readline()))
+        for signum in pending:
+            _forward(pid[0], signum)
+        code = int(answers.readline())
     except (OSError, ValueError):
-        print("tracetriage: the warm runner ended before the run reported its exit", file=sys.stderr)
+        print(f"tracetriage: the warm runner ended before the run reported its exit; its log: "
+              f"{sock.with_suffix('.log')}", file=sys.stderr)
         return 1
     if code < 0:  # ended by a signal: end so too, as the run's own process would have
-        signal.signal(-code, signal.SIG_DFL)
+        if -code not in (signal.SIGKILL, signal.SIGSTOP):
+            signal.signal(-code, signal.SIG_DFL)
         os.kill(os.getpid(), -code)
+        return 128 - code
     return code
+
+
+def _peer_uid(conn: socket.socket) -> int:
+    return struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
 
 
 def _forward(pid: int, signum: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signum)
-
-
-def _line(conn: socket.socket) -> str:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = conn.recv(64)
-        if not chunk:
-            raise ValueError("connection closed")
-        data += chunk
-    return data.decode()
 
 
 def leave_runner() -> None:
@@ -148,8 +169,9 @@ def leave_runner() -> None:
     _, lock = _paths(home, _caller["key"])
     if _held(lock):
         return
-    _forget_stopped(home)
-    log = open(home / f"runner-{_caller['key']}.log", "ab")  # noqa: SIM115 - the runner's, closed here after the start
+    # The runner's log, this user's alone (it names commands and directories), begun anew for each runner.
+    log = os.fdopen(os.open(home / f"runner-{_caller['key']}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
+                    "wb")
     with log:
         subprocess.Popen([sys.executable, *subprocess._args_from_interpreter_flags(),  # type: ignore[attr-defined]
                           "-c", "import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
@@ -163,20 +185,13 @@ def used_local_server() -> None:
     _caller["local_server"] = "key" in _caller
 
 
-def _forget_stopped(home: Path) -> None:
-    """The files of runners that have exited (one per key: a code change leaves its runner's behind)."""
-    for lock in home.glob("runner-*.lock"):
-        if not _held(lock):
-            for path in (lock, lock.with_suffix(".log"), lock.with_suffix(".sock")):
-                path.unlink(missing_ok=True)
-
-
 def _held(lock: Path) -> bool:
-    """Whether a live runner holds this lock file."""
+    """Whether a live runner holds this lock file. (A shared lock for the probe: a runner starting at that
+    moment, which takes it exclusively, retries; lock files are never removed, so each names one inode.)"""
     try:
         with open(lock) as handle:
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
                 return True
     except FileNotFoundError:
@@ -231,9 +246,13 @@ def serve() -> None:
     home = _home()
     sock_path, lock_path = _paths(home, own)
     lock = open(lock_path, "a+")  # noqa: SIM115 - held for the runner's life
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    for _attempt in range(20):  # a probe (`_held`) holds it for microseconds; another runner, for good
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            time.sleep(0.05)
+    else:
         return  # another runner serves this key
     _import_run_path()
     if threading.active_count() > 1:
@@ -247,6 +266,7 @@ def serve() -> None:
     finally:
         os.umask(umask)
     listener.listen(16)
+    bound = sock_path.stat().st_ino
     lock.truncate(0)
     lock.write(str(os.getpid()))
     lock.flush()
@@ -257,18 +277,23 @@ def serve() -> None:
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # wakes the select through the pipe
     stopping = []
     signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
-    owner, runs = os.getpid(), {}
+    owner, runs, last_used = os.getpid(), {}, time.monotonic()
     try:
         while not stopping:
             ready, _, _ = select.select([listener, wake_read], [], [], CHECK_EVERY)
             if wake_read in ready:
                 os.read(wake_read, 4096)
             _reap(runs)
+            if runs:
+                last_used = time.monotonic()
             if listener in ready:
                 conn, _ = listener.accept()
                 pid = _fork(conn, runs, [listener.fileno(), wake_read, wake_write, lock.fileno()])
                 if pid:
                     runs[pid] = conn
+            elif time.monotonic() - last_used > IDLE_EXIT:
+                _log(f"no run for {IDLE_EXIT / 60:.0f} minutes: exiting (the next run imports anew)")
+                break
             elif key(env, path) != own:
                 _log("the code or packages changed on disk: exiting (the next run imports anew)")
                 break
@@ -277,7 +302,9 @@ def serve() -> None:
                 break
     finally:
         if os.getpid() == owner:
-            sock_path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                if sock_path.stat().st_ino == bound:  # not a later runner's
+                    sock_path.unlink()
             listener.close()
             while runs:  # forked runs finish; their callers get their exit codes
                 time.sleep(0.1)
@@ -311,8 +338,9 @@ def _reap(runs: dict[int, socket.socket]) -> None:
 def _fork(conn: socket.socket, runs: dict[int, socket.socket], close: list[int]) -> int | None:
     """Read a caller's request and fork its run; the run's pid (None: a request that could not be read)."""
     conn.settimeout(5)
+    fds: list[int] = []
     try:
-        uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
+        uid = _peer_uid(conn)
         if uid != os.getuid():
             raise ValueError(f"a caller of another user (uid {uid})")
         header, fds, _, _ = socket.recv_fds(conn, 4, 3)
@@ -326,7 +354,10 @@ def _fork(conn: socket.socket, runs: dict[int, socket.socket], close: list[int])
         request = json.loads(body)
         if len(fds) != 3:
             raise ValueError("the caller's stdin, stdout and stderr were not passed")
+        conn.sendall(b"taken\n")  # from here the caller never runs the command itself
     except (OSError, ValueError, struct.error):
+        for fd in fds:
+            os.close(fd)
         conn.close()
         return None
     conn.settimeout(None)
@@ -339,14 +370,15 @@ def _fork(conn: socket.socket, runs: dict[int, socket.socket], close: list[int])
         _run(conn, fds, request)  # never returns
     for fd in fds:
         os.close(fd)
-    _log(f"run {pid}: {' '.join(request['argv'][1:])} in {request['cwd']}")
     with contextlib.suppress(OSError):
         conn.sendall(f"{pid}\n".encode())
+    _log(f"run {pid}: {' '.join(request['argv'][1:])} in {request['cwd']}")
     return pid
 
 
 def _log(line: str) -> None:
-    print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}", flush=True)
+    with contextlib.suppress(OSError):  # a full disk must not end the runner, nor keep a caller waiting
+        print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}", flush=True)
 
 
 def _run(conn: socket.socket, fds: list[int], request: dict[str, Any]) -> None:
@@ -357,6 +389,8 @@ def _run(conn: socket.socket, fds: list[int], request: dict[str, Any]) -> None:
     for number in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
         signal.signal(number, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    for number in request.get("ignored", []):  # as the caller had them, e.g. SIGHUP under nohup
+        signal.signal(number, signal.SIG_IGN)
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
         os.close(fd)

@@ -94,9 +94,9 @@ def test_a_run_forks_from_the_runner_with_the_callers_arguments_environment_and_
 
     # Exit codes and messages as a run of its own would give them: a refused source, a usage error.
     missing = _cli(env, "run", "--source", str(tmp / "missing.jsonl"), "--out", str(tmp / "out-missing"))
-    assert missing.returncode == 2 and f"run records file {tmp / 'missing.jsonl'} does not exist" in missing.stderr
-    usage = _cli(env, "run", "--no-such-flag")
-    assert usage.returncode == 2 and "unrecognized arguments: --no-such-flag" in usage.stderr
+    assert missing.returncode == 2 and missing.stderr.count(f"{tmp / 'missing.jsonl'} does not exist") == 1
+    usage = _cli(env, "run", "--no-such-flag")  # ends at once: its answers reach the caller together, run once
+    assert usage.returncode == 2 and usage.stderr.count("unrecognized arguments: --no-such-flag") == 1
     assert len(_served(env)) == len(before) + 3
     [sock] = _server_home(env).glob("runner-*.sock")
     assert sock.stat().st_mode & 0o777 == 0o600  # a caller runs code: no other user may connect
@@ -167,6 +167,34 @@ def test_ctrl_c_or_a_killed_caller_ends_the_forked_run_and_its_workers(home, run
         for pid in [run, *workers]:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_signal_the_caller_ignores_is_ignored_by_the_run_too(home, runs_12):
+    """`nohup tracetriage run ... &`: the terminal's SIGHUP must not end the run, as it would not a run of its own."""
+    env, tmp = home
+    config = tmp / "nohup.yaml"
+    config.write_text(yaml.safe_dump({"evaluators": [{"key": "hung", "ref": "tests.test_hostile_eval:sleeps_an_hour",
+                                                      "timeout": 600}], "eval_workers": 2}))
+    before = len(_served(env))
+    caller = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--config", str(config), "--source",
+                               str(runs_12), "--out", str(tmp / "out-nohup")], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    run = 0
+    try:
+        line = _wait(lambda: _served(env)[before:], 60, "the run was not forked by the runner")[0]
+        run = int(re.search(r" run (\d+): ", line).group(1))
+        _wait(lambda: list((tmp / "out-nohup").glob("work/**/*.state")), 180, "the evaluation never started")
+        caller.send_signal(signal.SIGHUP)
+        time.sleep(2)
+        assert caller.poll() is None and _alive(run)
+        caller.send_signal(signal.SIGTERM)
+        caller.wait(timeout=60)
+        assert _wait(lambda: not _alive(run), 60, "the run outlived its caller's SIGTERM")
+    finally:
+        caller.kill()
+        if run and _alive(run):
+            os.kill(run, signal.SIGKILL)
 
 
 def test_server_stop_stops_the_runners(home):
